@@ -1,0 +1,91 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The standalone ``hsu-registry`` command: the daemon in the foreground, logging
+to stderr, as the seed's Go binary runs.
+
+It stops cleanly with exit code 0 on SIGTERM or SIGINT, and when it cannot
+listen it exits with code 1 and one line on stderr, not a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python import usage
+
+from hsu_registry.options import Options
+
+__all__ = ["main", "run"]
+
+
+def run(argv: list[str], reactor: Any, stderr: TextIO) -> int:
+    """
+    Parse C{argv}, start the daemon on C{reactor} and run it until it is
+    stopped.
+
+    @return: the process exit code: 0 after a clean stop, 1 when the daemon
+        could not start, 2 for a usage error.
+    """
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as e:
+        stderr.write(f"hsu-registry: {e}\nTry 'hsu-registry --help' for usage.\n")
+        return 2
+
+    from hsu_registry.service import makeService
+
+    try:
+        service = makeService(options.config, reactor)
+    except ValueError as e:
+        stderr.write(f"hsu-registry: {e}\n")
+        return 2
+
+    exit_code = [0]
+
+    def start() -> None:
+        try:
+            service.startService()
+        except Exception as e:
+            stderr.write(f"hsu-registry: error: {_one_line(e)}\n")
+            exit_code[0] = 1
+            d = service.stopService()
+            d.addBoth(lambda _: reactor.stop())
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return exit_code[0]
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``hsu-registry`` console script."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if any(a in ("-h", "--help", "--version") for a in argv):
+        raise SystemExit(run(argv, None, sys.stderr))
+    from twisted.internet import reactor
+
+    observer = textFileLogObserver(sys.stderr)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(observer, [LogLevelFilterPredicate(LogLevel.info)])],
+        redirectStandardIO=False,
+    )
+    raise SystemExit(run(argv, reactor, sys.stderr))
+
+
+if __name__ == "__main__":
+    main()

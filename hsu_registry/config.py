@@ -1,0 +1,35 @@
+# -*- test-case-name: tests.test_options -*-
+"""
+The daemon's configuration as one frozen record, shared by the twistd plugin,
+the standalone command and embedders.
+"""
+
+from __future__ import annotations
+
+from attrs import field, frozen
+
+from hsu_registry.endpoints import DEFAULT_ENDPOINT
+from hsu_registry.model import DEFAULT_LIMITS, Limits
+from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
+
+__all__ = ["RegistryConfig"]
+
+
+@frozen
+class RegistryConfig:
+    """
+    Everything that shapes a registry daemon.  Times are in seconds.
+
+    An empty C{endpoints} builds a daemon that listens nowhere, for
+    applications that mount the API under their own Site.
+    """
+
+    endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
+    stale_after: float = 300.0
+    expire_after: float = 600.0
+    cleanup_interval: float = 60.0
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    max_modules: int = 100_000
+    store: str = "memory"
+    access_log: bool = False
+    limits: Limits = field(default=DEFAULT_LIMITS)

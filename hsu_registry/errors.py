@@ -1,0 +1,73 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The registry's domain errors, each carrying the HTTP status and the message
+that the API answers with.
+
+They live apart from the web layer so the registry logic, the stores and the
+clients can raise and catch them without importing Klein.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "InvalidRequest",
+    "ModuleNotFound",
+    "NotOwner",
+    "RegistryError",
+    "RegistryFull",
+    "StoreUnavailable",
+]
+
+
+class RegistryError(Exception):
+    """
+    A refusal the API reports as ``{"success": false, "error": message}``.
+
+    @ivar status: the HTTP status code of the answer.
+    @ivar message: the human-readable message.
+    @ivar context: optional details, answered as the ``context`` object.
+    """
+
+    status = 400
+
+    def __init__(self, message: str, context: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.context = dict(context) if context else None
+
+
+class InvalidRequest(RegistryError):
+    """The request is malformed; the message names the offending field."""
+
+    status = 400
+
+
+class ModuleNotFound(RegistryError):
+    """No discoverable registration for the module (unknown or stale)."""
+
+    status = 404
+
+    def __init__(self, module_id: str) -> None:
+        super().__init__("module not found", {"moduleID": module_id})
+        self.module_id = module_id
+
+
+class NotOwner(RegistryError):
+    """A processID-qualified request names a process that does not own the module."""
+
+    status = 409
+
+
+class RegistryFull(RegistryError):
+    """Publishing a new module would exceed the configured module limit."""
+
+    status = 507
+
+
+class StoreUnavailable(RegistryError):
+    """The store could not persist a change; nothing was changed."""
+
+    status = 503

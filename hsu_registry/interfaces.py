@@ -1,0 +1,137 @@
+# -*- test-case-name: tests.test_registry,tests.test_store -*-
+"""
+The seams of hsu-registry: the registry that the HTTP API talks to, and the
+store that persists what the registry decides.
+
+Writes through a store always return Deferreds, so the registry never cares
+whether the backend is memory, SQLite or a replicated engine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from hsu_registry.model import PublishRequest, Registration
+    from hsu_registry.registry import Change, HealthStatus
+    from hsu_registry.stores import StoredRegistration
+
+__all__ = ["IRegistry", "IStore"]
+
+
+class IStore(Interface):
+    """
+    Durable storage for registrations.  The registry serves every read from
+    memory; the store is written before a change is acknowledged and read
+    once, on start.
+    """
+
+    def load() -> Deferred[list[StoredRegistration]]:
+        """
+        Read every stored registration.
+
+        @return: a Deferred firing with a list of
+            L{hsu_registry.stores.StoredRegistration}.
+        """
+
+    def save(registration: Registration, last_seen: float) -> Deferred[None]:
+        """
+        Persist a new or replaced registration.
+
+        @return: a Deferred firing with L{None} once the change is durable;
+            it fails with L{hsu_registry.errors.StoreUnavailable} when it is not.
+        """
+
+    def remove(module_ids: Iterable[str]) -> Deferred[None]:
+        """
+        Delete the registrations of the given module IDs (unknown IDs are
+        ignored).
+
+        @return: a Deferred firing with L{None} once the removal is durable.
+        """
+
+    def touch(last_seen: Mapping[str, float]) -> Deferred[None]:
+        """
+        Record heartbeat times, a mapping of module ID to last-seen time.
+        Stores may batch these; losing some only moves expiry by that window.
+
+        @return: a Deferred firing with L{None}.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Flush what is pending and release resources.
+
+        @return: a Deferred firing with L{None}.
+        """
+
+
+class IRegistry(Interface):
+    """
+    The registry: the in-memory truth about which module serves what.
+    """
+
+    index = Attribute("The change index: an int incremented by every mutation, never decreasing.")
+    epoch = Attribute("A string, new for every registry instance (every daemon start).")
+
+    def load() -> Deferred[int]:
+        """
+        Fill the registry from its store.
+
+        @return: a Deferred firing with the number of registrations loaded.
+        """
+
+    def publish(request: PublishRequest) -> Deferred[Change]:
+        """
+        Create or replace a module's registration from a
+        L{hsu_registry.model.PublishRequest}; counts as a heartbeat.
+
+        @return: a Deferred firing with the L{hsu_registry.registry.Change}.
+        """
+
+    def discover(module_id: str) -> Registration:
+        """
+        Look up a discoverable (not stale) registration and refresh its
+        last-seen time: discovery is a heartbeat.
+
+        @return: the L{hsu_registry.model.Registration} (synchronously).
+        @raise hsu_registry.errors.ModuleNotFound: unknown or stale.
+        """
+
+    def get(module_id: str) -> Registration | None:
+        """
+        @return: the registration of C{module_id}, stale or not, or L{None};
+            does not refresh it.
+        """
+
+    def unpublish(module_id: str, process_id: int | None) -> Deferred[Change | None]:
+        """
+        Remove a registration.  With a C{process_id} that is not L{None}, only
+        when that process owns it.  Unknown modules are not an error.
+
+        @return: a Deferred firing with the L{Change}, or L{None} when there
+            was nothing to remove.
+        @raise hsu_registry.errors.NotOwner: (as the Deferred's failure)
+        """
+
+    def expire() -> Deferred[list[Change]]:
+        """
+        Remove the registrations not seen for the expiry time.
+
+        @return: a Deferred firing with the list of L{Change}s made.
+        """
+
+    def health() -> HealthStatus:
+        """
+        @return: a L{hsu_registry.registry.HealthStatus}.
+        """
+
+    def subscribe(observer: Callable[[Change], object]) -> Callable[[], None]:
+        """
+        Call C{observer(change)} after every mutation.
+
+        @return: a callable that unsubscribes.
+        """

@@ -1,0 +1,326 @@
+# -*- test-case-name: tests.test_model -*-
+"""
+The data model: frozen records for API entries and registrations, the
+validation of publish bodies, and the JSON encoding of answers.
+
+Parsing follows the Go original's decoder where existing clients depend on it
+(object keys matched case-insensitively, unknown keys ignored, ``null`` for an
+optional field meaning absent) and is strict everywhere else: every string is
+bounded, every number typed, and every ID must be addressable through the URL
+API, so nothing that publish accepts can become unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import field, frozen
+
+from hsu_registry.errors import InvalidRequest
+
+__all__ = [
+    "Limits",
+    "ModuleAPI",
+    "PublishRequest",
+    "Registration",
+    "encode_discover",
+    "encode_json",
+    "parse_process_id",
+    "parse_publish_body",
+    "validate_id",
+]
+
+
+@frozen
+class Limits:
+    """
+    Every bound on what a publish may contain; the defaults are documented in
+    the README and each one is tested.
+    """
+
+    max_id_length: int = 256
+    max_protocol_length: int = 64
+    max_address_length: int = 256
+    max_apis: int = 128
+    max_service_ids: int = 64
+    max_metadata_entries: int = 64
+    max_metadata_key_length: int = 128
+    max_metadata_value_length: int = 1024
+    max_process_id: int = 2**32 - 1
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@frozen
+class ModuleAPI:
+    """
+    One API endpoint of a module: the services it serves, where and how.
+
+    ``address`` of L{None} means "the registry's host"; ``metadata`` is a tuple
+    of (key, value) pairs in the order published.
+    """
+
+    service_ids: tuple[str, ...]
+    server_port: int
+    protocol: str
+    address: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The seed's JSON shape, with empty optional fields omitted."""
+        out: dict[str, Any] = {
+            "serviceIDs": list(self.service_ids),
+            "serverPort": self.server_port,
+            "protocol": self.protocol,
+        }
+        if self.address:
+            out["address"] = self.address
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        return out
+
+
+@frozen
+class PublishRequest:
+    """A validated publish body."""
+
+    module_id: str
+    process_id: int
+    apis: tuple[ModuleAPI, ...]
+
+
+def encode_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as Go's encoder writes it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_discover(module_id: str, apis: tuple[ModuleAPI, ...]) -> bytes:
+    """The body of a discover answer, encoded once per registration."""
+    return encode_json({"moduleID": module_id, "apis": [api.to_json() for api in apis]})
+
+
+@frozen
+class Registration:
+    """
+    A module's registration as the registry holds it.
+
+    The mutable last-seen time is kept by the registry beside this record, so a
+    heartbeat does not allocate a new one.  ``discover_body`` is the encoded
+    discover answer, computed once so discovery only looks it up.
+    """
+
+    module_id: str
+    process_id: int
+    apis: tuple[ModuleAPI, ...]
+    registered_at: float
+    discover_body: bytes = field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "discover_body", encode_discover(self.module_id, self.apis))
+
+    @property
+    def api_count(self) -> int:
+        return len(self.apis)
+
+
+# -- parsing -----------------------------------------------------------------
+
+
+def _fold(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """Key lookup the way Go's encoding/json matches fields: case-insensitive, last wins."""
+    return {key.lower(): value for key, value in obj.items()}
+
+
+def _check_text(value: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid Unicode (lone surrogate)") from None
+
+
+def validate_id(value: Any, what: str, limits: Limits = DEFAULT_LIMITS) -> str:
+    """
+    Check a module or service ID: a string of 1 to ``max_id_length``
+    characters that survives a trip through a URL path segment, so no ``/``,
+    no whitespace or control characters, and not ``.`` or ``..``.
+    """
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a string")
+    if not value:
+        raise InvalidRequest(f"{what} must not be empty")
+    if len(value) > limits.max_id_length:
+        raise InvalidRequest(f"{what} is longer than {limits.max_id_length} characters")
+    _check_text(value, what)
+    if value in (".", ".."):
+        raise InvalidRequest(f"{what} must not be '.' or '..'")
+    for char in value:
+        if char == "/" or char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
+            raise InvalidRequest(
+                f"{what} contains {char!r}; IDs may not contain '/', "
+                "whitespace or control characters"
+            )
+    return value
+
+
+def _bounded_text(value: Any, what: str, max_length: int, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a string")
+    if not value and not allow_empty:
+        raise InvalidRequest(f"{what} must not be empty")
+    if len(value) > max_length:
+        raise InvalidRequest(f"{what} is longer than {max_length} characters")
+    _check_text(value, what)
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise InvalidRequest(f"{what} contains control characters")
+    return value
+
+
+def _integer(value: Any, what: str) -> int:
+    # bool is an int subclass, and 50051.0 is a float: Go refuses both.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{what} must be an integer")
+    return value
+
+
+def _parse_api(raw: Any, where: str, limits: Limits) -> ModuleAPI:
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where} must be an object")
+    obj = _fold(raw)
+
+    service_ids = obj.get("serviceids")
+    if service_ids is None:
+        raise InvalidRequest(f"{where}.serviceIDs is required")
+    if not isinstance(service_ids, list):
+        raise InvalidRequest(f"{where}.serviceIDs must be a list of strings")
+    if not service_ids:
+        raise InvalidRequest(f"{where}.serviceIDs must not be empty")
+    if len(service_ids) > limits.max_service_ids:
+        raise InvalidRequest(f"{where}.serviceIDs has more than {limits.max_service_ids} entries")
+    sids = tuple(
+        validate_id(sid, f"{where}.serviceIDs[{i}]", limits) for i, sid in enumerate(service_ids)
+    )
+
+    port = obj.get("serverport")
+    if port is None:
+        raise InvalidRequest(f"{where}.serverPort is required")
+    port = _integer(port, f"{where}.serverPort")
+    if not 1 <= port <= 65535:
+        raise InvalidRequest(f"{where}.serverPort must be between 1 and 65535")
+
+    protocol = obj.get("protocol")
+    if protocol is None:
+        raise InvalidRequest(f"{where}.protocol is required")
+    protocol = _bounded_text(protocol, f"{where}.protocol", limits.max_protocol_length)
+
+    address = obj.get("address")
+    if address is not None:
+        address = (
+            _bounded_text(address, f"{where}.address", limits.max_address_length, allow_empty=True)
+            or None
+        )
+
+    metadata: tuple[tuple[str, str], ...] = ()
+    raw_meta = obj.get("metadata")
+    if raw_meta is not None:
+        if not isinstance(raw_meta, dict):
+            raise InvalidRequest(f"{where}.metadata must be an object of strings")
+        if len(raw_meta) > limits.max_metadata_entries:
+            raise InvalidRequest(
+                f"{where}.metadata has more than {limits.max_metadata_entries} entries"
+            )
+        metadata = tuple(
+            (
+                _bounded_text(key, f"{where}.metadata key", limits.max_metadata_key_length),
+                _bounded_text(
+                    value,
+                    f"{where}.metadata[{key!r}]",
+                    limits.max_metadata_value_length,
+                    allow_empty=True,
+                ),
+            )
+            for key, value in raw_meta.items()
+        )
+
+    return ModuleAPI(
+        service_ids=sids,
+        server_port=port,
+        protocol=protocol,
+        address=address,
+        metadata=metadata,
+    )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_publish_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> PublishRequest:
+    """
+    Validate a publish body into a L{PublishRequest}.
+
+    @raise InvalidRequest: naming the first field that is wrong.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"request body is not UTF-8 (byte {e.start})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        raw = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+    except ValueError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    obj = _fold(raw)
+
+    if obj.get("moduleid") is None:
+        raise InvalidRequest("moduleID is required")
+    module_id = validate_id(obj["moduleid"], "moduleID", limits)
+
+    process_id = obj.get("processid")
+    if process_id is None:
+        process_id = 0
+    process_id = _integer(process_id, "processID")
+    if not 0 <= process_id <= limits.max_process_id:
+        raise InvalidRequest(f"processID must be between 0 and {limits.max_process_id}")
+
+    apis = obj.get("apis")
+    if apis is None:
+        raise InvalidRequest("apis is required (it may be an empty list)")
+    if not isinstance(apis, list):
+        raise InvalidRequest("apis must be a list")
+    if len(apis) > limits.max_apis:
+        raise InvalidRequest(f"apis has more than {limits.max_apis} entries")
+    parsed = tuple(_parse_api(api, f"apis[{i}]", limits) for i, api in enumerate(apis))
+    return PublishRequest(module_id=module_id, process_id=process_id, apis=parsed)
+
+
+def parse_process_id(values: list[bytes] | None, limits: Limits = DEFAULT_LIMITS) -> int | None:
+    """
+    Parse the optional ``processID`` query parameter: L{None} when absent.
+
+    @raise InvalidRequest: when repeated, not a decimal integer, or out of range.
+    """
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest("processID is given more than once")
+    raw = values[0]
+    if not raw.isdigit() or len(raw) > 10:
+        raise InvalidRequest(
+            "processID must be a non-negative integer",
+            {"processID": raw.decode("utf-8", "replace")},
+        )
+    value = int(raw)
+    if value > limits.max_process_id:
+        raise InvalidRequest(f"processID must be between 0 and {limits.max_process_id}")
+    return value

@@ -1,0 +1,144 @@
+# -*- test-case-name: tests.test_options -*-
+"""
+Command-line options, shared by ``twistd hsu-registry`` and the standalone
+``hsu-registry`` command: strports endpoints, Go-style durations, limits, and
+the seed's ``--transport``/``--tcp-address``/``--socket-path`` flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from hsu_registry import __version__
+from hsu_registry.config import RegistryConfig
+from hsu_registry.durations import parse_duration
+from hsu_registry.endpoints import DEFAULT_ENDPOINT, parse_description, tcp_endpoint, unix_endpoint
+from hsu_registry.stores import parse_store_spec
+from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
+
+__all__ = ["Options"]
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be an integer, not {text!r}") from None
+    if value < 1:
+        raise usage.UsageError(f"--{name} must be at least 1")
+    return value
+
+
+class Options(usage.Options):
+    """Options of the hsu-registry daemon."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A service registry: modules publish the API endpoints they serve and "
+        "discover each other's at run time.  Listens on "
+        f"{DEFAULT_ENDPOINT} unless told otherwise."
+    )
+
+    optParameters: list[list[Any]] = [
+        [
+            "stale-after",
+            None,
+            "5m",
+            "A module not seen for this long is no longer discoverable (Go duration).",
+        ],
+        ["expire-after", None, "10m", "A module not seen for this long is removed by the cleanup."],
+        ["cleanup-interval", None, "1m", "How often the cleanup runs."],
+        [
+            "max-body-size",
+            None,
+            str(DEFAULT_MAX_BODY_SIZE),
+            "Largest request body accepted, in bytes (larger: 413).",
+        ],
+        ["max-modules", None, "100000", "Most modules registered at once (more: 507)."],
+        ["store", None, "memory", "Where registrations are kept: memory."],
+        [
+            "transport",
+            None,
+            None,
+            "The seed's flag: 'tcp' (with --tcp-address) or 'unix' (with --socket-path).",
+        ],
+        ["tcp-address", None, None, "The seed's flag: HOST:PORT to listen on over TCP."],
+        ["socket-path", None, None, "The seed's flag: unix socket path to listen on."],
+    ]
+    optFlags: list[list[Any]] = [
+        ["access-log", None, "Log every request (costs about 15% of throughput)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["endpoints"] = []
+
+    def opt_endpoint(self, description: str) -> None:
+        """
+        A strports endpoint to listen on; repeat for several.  Default:
+        tcp:17951:interface=127.0.0.1.  Example: unix:/var/run/hsu/registry.sock:mode=600
+        """
+        try:
+            parse_description(description)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["endpoints"].append(description)
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        sys.stdout.write(f"hsu-registry {__version__}\n")
+        raise SystemExit(0)
+
+    def _seed_endpoints(self) -> list[str]:
+        transport = self["transport"]
+        tcp_address, socket_path = self["tcp-address"], self["socket-path"]
+        if transport is None:
+            if tcp_address is not None and socket_path is not None:
+                raise usage.UsageError("give --transport with both --tcp-address and --socket-path")
+            if tcp_address is not None:
+                transport = "tcp"
+            elif socket_path is not None:
+                transport = "unix"
+        try:
+            if transport == "tcp":
+                return [tcp_endpoint(tcp_address or "127.0.0.1:17951")]
+            if transport == "unix":
+                return [unix_endpoint(socket_path or "/var/run/hsu/registry.sock")]
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if transport is not None:
+            raise usage.UsageError(f"--transport must be 'tcp' or 'unix', not {transport!r}")
+        return []
+
+    def _duration(self, name: str) -> float:
+        try:
+            value = parse_duration(self[name])
+        except ValueError as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+        if value <= 0:
+            raise usage.UsageError(f"--{name} must be longer than zero")
+        return value
+
+    def postOptions(self) -> None:
+        endpoints = list(self["endpoints"]) + self._seed_endpoints()
+        stale_after = self._duration("stale-after")
+        expire_after = self._duration("expire-after")
+        if expire_after < stale_after:
+            raise usage.UsageError("--expire-after must not be shorter than --stale-after")
+        try:
+            store = parse_store_spec(self["store"])
+        except ValueError as e:
+            raise usage.UsageError(f"--store: {e}") from None
+        self.config = RegistryConfig(
+            endpoints=tuple(endpoints) or (DEFAULT_ENDPOINT,),
+            stale_after=stale_after,
+            expire_after=expire_after,
+            cleanup_interval=self._duration("cleanup-interval"),
+            max_body_size=_positive_int("max-body-size", self["max-body-size"]),
+            max_modules=_positive_int("max-modules", self["max-modules"]),
+            store=store,
+            access_log=bool(self["access-log"]),
+        )

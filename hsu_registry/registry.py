@@ -1,0 +1,416 @@
+# -*- test-case-name: tests.test_registry -*-
+"""
+The registry: the in-memory truth about which module serves which APIs.
+
+Every write flows one way: decide here, persist through the L{IStore}, and
+only once the store has acknowledged it apply the change in memory, bump the
+change index and tell the observers.  A failed persist leaves memory as it
+was.  Mutations of one module are serialised, so each one decides on the state
+its predecessor left.  Reads are answered from memory and never touch the
+store; discovery refreshes a last-seen time kept beside the frozen records, and
+an expiry heap ordered by time lets a cleanup pass look only at what may have
+expired.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hsu_registry.errors import (
+    ModuleNotFound,
+    NotOwner,
+    RegistryError,
+    RegistryFull,
+    StoreUnavailable,
+)
+from hsu_registry.interfaces import IRegistry, IStore
+from hsu_registry.model import PublishRequest, Registration
+
+__all__ = ["Change", "ChangeKind", "HealthStatus", "Registry"]
+
+T = TypeVar("T")
+
+
+class ChangeKind(enum.Enum):
+    """What a mutation did to a module's registration."""
+
+    PUBLISHED = "published"
+    UPDATED = "updated"
+    UNPUBLISHED = "unpublished"
+    EXPIRED = "expired"
+
+
+@frozen
+class Change:
+    """
+    One mutation: its place in the change index, its kind, and the
+    registration it produced (or removed).
+    """
+
+    index: int
+    kind: ChangeKind
+    module_id: str
+    registration: Registration
+
+
+@frozen
+class HealthStatus:
+    """The figures the health endpoint reports."""
+
+    registered_modules: int
+    total_apis: int
+    uptime: float
+
+
+Observer = Callable[[Change], object]
+
+
+@implementer(IRegistry)
+class Registry:
+    """
+    The registry logic over an L{IStore}, with time read from an injected clock.
+
+    @param stale_after: seconds without a heartbeat after which a module is no
+        longer discoverable.
+    @param expire_after: seconds without a heartbeat after which L{expire}
+        removes a module; not less than C{stale_after}.
+    @param max_modules: the most registrations held at once.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        stale_after: float = 300.0,
+        expire_after: float = 600.0,
+        max_modules: int = 100_000,
+        epoch: str | None = None,
+    ) -> None:
+        if expire_after < stale_after:
+            raise ValueError("expire_after must not be less than stale_after")
+        self._store = store
+        self._clock = clock
+        self.stale_after = stale_after
+        self.expire_after = expire_after
+        self.max_modules = max_modules
+        self.index = 0
+        self.epoch = epoch if epoch is not None else uuid.uuid4().hex
+        self.started_at = clock.seconds()
+        self._modules: dict[str, Registration] = {}
+        self._last_seen: dict[str, float] = {}
+        self._total_apis = 0
+        # Expiry heap of (last seen when pushed, token, module ID): one live
+        # entry per module, found again by its token; refreshed lazily on pop.
+        self._expiry: list[tuple[float, int, str]] = []
+        self._expiry_token: dict[str, int] = {}
+        self._tokens = itertools.count()
+        # Heartbeats not yet handed to the store.
+        self._touched: set[str] = set()
+        # Per-module tail of the chain of pending mutations.
+        self._tails: dict[str, Deferred[None]] = {}
+        self._reserved = 0
+        self._observers: list[Observer] = []
+
+    # -- reads -----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Registration]:
+        return iter(list(self._modules.values()))
+
+    def get(self, module_id: str) -> Registration | None:
+        return self._modules.get(module_id)
+
+    def last_seen(self, module_id: str) -> float | None:
+        """The last heartbeat time of C{module_id}, or L{None} when unknown."""
+        return self._last_seen.get(module_id)
+
+    def discover(self, module_id: str) -> Registration:
+        registration = self._modules.get(module_id)
+        if registration is None:
+            raise ModuleNotFound(module_id)
+        now = self._clock.seconds()
+        if now - self._last_seen[module_id] > self.stale_after:
+            raise ModuleNotFound(module_id)
+        self._last_seen[module_id] = now
+        self._touched.add(module_id)
+        return registration
+
+    def health(self) -> HealthStatus:
+        return HealthStatus(
+            registered_modules=len(self._modules),
+            total_apis=self._total_apis,
+            uptime=self._clock.seconds() - self.started_at,
+        )
+
+    # -- observers -------------------------------------------------------
+
+    def subscribe(self, observer: Observer) -> Callable[[], None]:
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
+
+    def _notify(self, change: Change) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(change)
+            except Exception:
+                self.log.failure(
+                    "Change observer {observer!r} failed on index {index}",
+                    observer=observer,
+                    index=change.index,
+                )
+
+    def _record(self, kind: ChangeKind, registration: Registration) -> Change:
+        self.index += 1
+        change = Change(self.index, kind, registration.module_id, registration)
+        self._notify(change)
+        return change
+
+    # -- start-up --------------------------------------------------------
+
+    def load(self) -> Deferred[int]:
+        def loaded(records: list) -> int:
+            for record in records:
+                registration = record.registration
+                if registration.module_id in self._modules:
+                    continue
+                self._insert(registration, record.last_seen)
+            self.log.info("Loaded {count} registrations from the store", count=len(records))
+            return len(records)
+
+        return self._store.load().addCallback(loaded)
+
+    # -- mutations -------------------------------------------------------
+
+    def _serialised(self, module_id: str, operation: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """Run C{operation} after every earlier mutation of C{module_id} has finished."""
+        tail = self._tails.get(module_id)
+        if tail is None:
+            result: Deferred[T] = maybeDeferred(operation)
+            if result.called:
+                return result  # synchronous store: nothing to queue behind
+        else:
+            result = Deferred()
+
+            def run(_: object) -> None:
+                maybeDeferred(operation).chainDeferred(result)
+
+            tail.addCallback(run)
+        marker: Deferred[None] = Deferred()
+        self._tails[module_id] = marker
+
+        def finished(outcome: object) -> object:
+            if self._tails.get(module_id) is marker:
+                del self._tails[module_id]
+            marker.callback(None)
+            return outcome
+
+        result.addBoth(finished)
+        return result
+
+    def _persist_failed(self, failure: Failure, action: str, module_id: str) -> Failure:
+        """Log a store failure and turn it into the L{StoreUnavailable} the API answers."""
+        if failure.check(RegistryError):
+            return failure
+        self.log.failure(
+            "Store failed to {action} {module_id}; nothing changed",
+            failure,
+            action=action,
+            module_id=module_id,
+        )
+        return Failure(
+            StoreUnavailable(
+                "the registry's store is unavailable; nothing was changed",
+                {"moduleID": module_id},
+            )
+        )
+
+    def publish(self, request: PublishRequest) -> Deferred[Change]:
+        return self._serialised(request.module_id, lambda: self._publish(request))
+
+    def _publish(self, request: PublishRequest) -> Deferred[Change]:
+        now = self._clock.seconds()
+        existing = self._modules.get(request.module_id)
+        if existing is None:
+            if len(self._modules) + self._reserved >= self.max_modules:
+                return fail(
+                    RegistryFull(
+                        f"the registry holds its maximum of {self.max_modules} modules",
+                        {"maxModules": self.max_modules},
+                    )
+                )
+            self._reserved += 1
+        registration = Registration(
+            module_id=request.module_id,
+            process_id=request.process_id,
+            apis=request.apis,
+            registered_at=existing.registered_at if existing is not None else now,
+        )
+
+        def release(outcome: object) -> object:
+            if existing is None:
+                self._reserved -= 1
+            return outcome
+
+        d = self._store.save(registration, now)
+        d.addBoth(release)
+        d.addErrback(self._persist_failed, "save", request.module_id)
+        return d.addCallback(lambda _: self._apply_publish(registration, now))
+
+    def _apply_publish(self, registration: Registration, now: float) -> Change:
+        module_id = registration.module_id
+        previous = self._modules.get(module_id)
+        if previous is None:
+            self._insert(registration, now)
+            kind = ChangeKind.PUBLISHED
+        else:
+            self._modules[module_id] = registration
+            self._total_apis += registration.api_count - previous.api_count
+            self._last_seen[module_id] = now
+            kind = ChangeKind.UPDATED
+        self._touched.discard(module_id)
+        change = self._record(kind, registration)
+        self.log.info(
+            "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index})",
+            kind=kind.value.capitalize(),
+            module_id=module_id,
+            process_id=registration.process_id,
+            api_count=registration.api_count,
+            index=change.index,
+        )
+        return change
+
+    def _insert(self, registration: Registration, last_seen: float) -> None:
+        module_id = registration.module_id
+        self._modules[module_id] = registration
+        self._last_seen[module_id] = last_seen
+        self._total_apis += registration.api_count
+        self._push_expiry(module_id, last_seen)
+
+    def _push_expiry(self, module_id: str, seen: float) -> None:
+        token = next(self._tokens)
+        self._expiry_token[module_id] = token
+        heapq.heappush(self._expiry, (seen, token, module_id))
+
+    def _remove(self, module_id: str) -> Registration:
+        registration = self._modules.pop(module_id)
+        del self._last_seen[module_id]
+        del self._expiry_token[module_id]
+        self._touched.discard(module_id)
+        self._total_apis -= registration.api_count
+        return registration
+
+    def unpublish(self, module_id: str, process_id: int | None = None) -> Deferred[Change | None]:
+        return self._serialised(module_id, lambda: self._unpublish(module_id, process_id))
+
+    def _unpublish(self, module_id: str, process_id: int | None) -> Deferred[Change | None]:
+        existing = self._modules.get(module_id)
+        if existing is None:
+            return succeed(None)
+        if process_id is not None and process_id != existing.process_id:
+            self.log.warn(
+                "Refused to unpublish {module_id}: process {process_id} does not own it"
+                " (owner {owner})",
+                module_id=module_id,
+                process_id=process_id,
+                owner=existing.process_id,
+            )
+            return fail(
+                NotOwner(
+                    f"module {module_id!r} is registered by another process",
+                    {
+                        "moduleID": module_id,
+                        "processID": process_id,
+                        "registeredProcessID": existing.process_id,
+                    },
+                )
+            )
+
+        def apply(_: object) -> Change:
+            registration = self._remove(module_id)
+            change = self._record(ChangeKind.UNPUBLISHED, registration)
+            self.log.info(
+                "Unpublished module {module_id} (process {process_id}, index {index})",
+                module_id=module_id,
+                process_id=registration.process_id,
+                index=change.index,
+            )
+            return change
+
+        d = self._store.remove([module_id])
+        d.addErrback(self._persist_failed, "remove", module_id)
+        return d.addCallback(apply)
+
+    def expire(self) -> Deferred[list[Change]]:
+        now = self._clock.seconds()
+        cutoff = now - self.expire_after
+        victims: list[Registration] = []
+        busy: list[str] = []
+        heap = self._expiry
+        while heap and heap[0][0] < cutoff:
+            _, token, module_id = heapq.heappop(heap)
+            if self._expiry_token.get(module_id) != token:
+                continue  # the module was removed (and maybe published anew)
+            seen = self._last_seen[module_id]
+            if seen >= cutoff:
+                self._push_expiry(module_id, seen)  # refreshed since it was queued
+            elif module_id in self._tails:
+                busy.append(module_id)  # a mutation is in flight: look again next pass
+            else:
+                victims.append(self._modules[module_id])
+        for module_id in busy:
+            self._push_expiry(module_id, self._last_seen[module_id])
+        if not victims:
+            return succeed([])
+
+        def apply(_: object) -> list[Change]:
+            changes = []
+            for registration in victims:
+                module_id = registration.module_id
+                if self._modules.get(module_id) is not registration:
+                    continue  # replaced while the store was removing it
+                seen = self._last_seen[module_id]
+                self._remove(module_id)
+                change = self._record(ChangeKind.EXPIRED, registration)
+                changes.append(change)
+                self.log.info(
+                    "Expired module {module_id} (process {process_id}, not seen for "
+                    "{idle:.0f}s, index {index})",
+                    module_id=module_id,
+                    process_id=registration.process_id,
+                    idle=now - seen,
+                    index=change.index,
+                )
+            return changes
+
+        d = self._store.remove([r.module_id for r in victims])
+        d.addErrback(self._persist_failed, "expire", "stale modules")
+        return d.addCallback(apply)
+
+    def flush_heartbeats(self) -> Deferred[None]:
+        """Hand the heartbeats recorded since the last flush to the store in one batch."""
+        if not self._touched:
+            return succeed(None)
+        batch = {m: self._last_seen[m] for m in self._touched}
+        self._touched = set()
+        return self._store.touch(batch)

@@ -1,0 +1,164 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The daemon as a Twisted service tree, built from a L{RegistryConfig} and a
+reactor: the store and registry first, the cleanup job next, the listeners
+last, so that stopping takes the listeners down before what serves them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+
+from hsu_registry.config import RegistryConfig
+from hsu_registry.endpoints import ListenerService
+from hsu_registry.interfaces import IStore
+from hsu_registry.registry import Registry
+from hsu_registry.stores.memory import MemoryStore
+from hsu_registry.web.api import RegistryAPI
+from hsu_registry.web.site import RegistrySite
+
+__all__ = ["CleanupService", "RegistryService", "StoreService", "build_store", "makeService"]
+
+
+def build_store(spec: str) -> IStore:
+    """The store named by a ``--store`` value."""
+    if spec == "memory":
+        return MemoryStore()
+    raise ValueError(f"unknown store {spec!r} (supported: memory)")
+
+
+class StoreService(Service):
+    """Loads the registry from its store on start and closes the store on stop."""
+
+    name = "store"
+    log = Logger()
+
+    def __init__(self, registry: Registry, store: IStore) -> None:
+        self.registry = registry
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.registry.load().addErrback(
+            lambda f: self.log.failure("Could not load the registry from its store", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d = self.registry.flush_heartbeats()
+        d.addBoth(lambda _: self.store.close())
+        return d
+
+
+class CleanupService(Service):
+    """
+    Every C{interval} seconds, expires modules not seen for the expiry time and
+    hands the batched heartbeats to the store.  A failing pass is logged and
+    the next one runs as usual (a bare LoopingCall would stop for good).
+    """
+
+    name = "cleanup"
+    log = Logger()
+
+    def __init__(self, registry: Registry, interval: float, clock: IReactorTime) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.clock = clock
+        self._call: LoopingCall | None = None
+        self._loop: Deferred[LoopingCall] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._call = LoopingCall(self.run_once)
+        self._call.clock = self.clock
+        self._loop = self._call.start(self.interval, now=False)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        call, loop = self._call, self._loop
+        self._call = self._loop = None
+        if call is not None and call.running:
+            call.stop()
+        if loop is None:
+            return succeed(None)
+        return loop.addCallback(lambda _: None)
+
+    def run_once(self) -> Deferred[None]:
+        """One cleanup pass; never fails."""
+        d = maybeDeferred(self.registry.expire)
+
+        def report(changes: list) -> None:
+            if changes:
+                self.log.info(
+                    "Cleanup removed {count} stale modules: {modules}",
+                    count=len(changes),
+                    modules=", ".join(c.module_id for c in changes[:20])
+                    + (" ..." if len(changes) > 20 else ""),
+                )
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Cleanup pass failed; the next one runs as usual", failure)
+
+        flushed = d.addCallback(report).addCallback(lambda _: self.registry.flush_heartbeats())
+        return flushed.addErrback(failed)
+
+
+class RegistryService(MultiService):
+    """
+    The whole daemon: store, registry, cleanup and one listener per endpoint,
+    all sharing one L{RegistrySite}.
+
+    Embedders add it to their own service tree, or mount L{resource} under
+    their own Site (with C{endpoints=()} it listens nowhere itself).
+    """
+
+    def __init__(self, config: RegistryConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.store = build_store(config.store)
+        self.registry = Registry(
+            self.store,
+            clock=reactor,
+            stale_after=config.stale_after,
+            expire_after=config.expire_after,
+            max_modules=config.max_modules,
+        )
+        self.api = RegistryAPI(self.registry, config.limits)
+        self.site = RegistrySite(
+            self.api.resource(),
+            max_body_size=config.max_body_size,
+            access_log=config.access_log,
+            reactor=reactor,
+        )
+        StoreService(self.registry, self.store).setServiceParent(self)
+        CleanupService(self.registry, config.cleanup_interval, reactor).setServiceParent(self)
+        self.listeners: list[ListenerService] = []
+        for number, description in enumerate(config.endpoints):
+            listener = ListenerService(reactor, description, self.site)  # type: ignore[arg-type]
+            listener.setName(f"listener-{number}")
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+
+    def resource(self) -> IResource:
+        """The API as a resource, for mounting under a host application's Site."""
+        return self.api.resource()
+
+
+def makeService(config: RegistryConfig, reactor: Any = None) -> RegistryService:
+    """
+    Build the daemon's service tree.  The global reactor is used only when
+    none is given.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return RegistryService(config, reactor)

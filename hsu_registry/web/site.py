@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.test_site -*-
+"""
+The registry's L{Site}: bounded request bodies, no tracebacks, no access log
+unless asked for.
+
+twisted.web has no limit on request bodies (large ones are spooled to a
+temporary file), so the channel here refuses a declared C{Content-Length}
+over the limit with a JSON 413 before reading any of the body, and a chunked
+body as soon as it passes the limit.  Bodies are held in memory: the limit
+keeps that bounded.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from hsu_registry.web.responses import error_body
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "RegistrySite"]
+
+from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
+
+
+def _too_large_response(limit: int) -> bytes:
+    body = error_body(
+        f"request body is larger than the limit of {limit} bytes",
+        {"maxBodySize": limit},
+    )
+    return (
+        b"HTTP/1.1 413 Request Entity Too Large\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % len(body)
+    ) + body
+
+
+class _BoundedRequest(Request):
+    """A request whose body is kept in memory and cut off past the limit."""
+
+    channel: _BoundedChannel
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = self._body = io.BytesIO()
+        self._received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        limit = self.channel.maxBodySize
+        if self._received > limit:
+            self.channel.refuseBody(limit)
+            return
+        self._body.write(data)
+
+
+class _BoundedChannel(HTTPChannel):
+    """An HTTP channel that refuses oversized bodies before buffering them."""
+
+    maxBodySize = DEFAULT_MAX_BODY_SIZE
+    _refused = False
+
+    def allHeadersReceived(self) -> None:
+        length = self.length
+        if length is not None and length > self.maxBodySize:
+            # Answer now: no 100-continue, and none of the body is read.
+            self.requests[-1].content = io.BytesIO()
+            self.refuseBody(self.maxBodySize)
+            return
+        super().allHeadersReceived()
+
+    def refuseBody(self, limit: int) -> None:
+        """Write a JSON 413, ignore whatever else arrives, and close."""
+        if self._refused:
+            return
+        self._refused = True
+        self.dataReceived = self.rawDataReceived = self.lineReceived = _ignore  # type: ignore[method-assign,assignment]
+        assert self.transport is not None
+        self.transport.write(_too_large_response(limit))
+        self.loseConnection()
+
+
+def _ignore(*args: Any) -> None:
+    pass
+
+
+class RegistrySite(Site):
+    """
+    The Site serving the registry API.
+
+    @param max_body_size: the largest request body accepted, in bytes.
+    @param access_log: when false (the default) requests are not logged; the
+        access log costs about 15% of throughput.
+    """
+
+    displayTracebacks = False
+    requestFactory = _BoundedRequest
+    protocol = _BoundedChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        access_log: bool = False,
+        timeout: float = 60.0,
+        reactor: Any = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"timeout": timeout}
+        if reactor is not None:
+            kwargs["reactor"] = reactor
+        super().__init__(resource, **kwargs)
+        self.max_body_size = max_body_size
+        self.access_log = access_log
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.maxBodySize = self.max_body_size
+        return channel
+
+    def log(self, request: Any) -> None:
+        if self.access_log:
+            super().log(request)
