@@ -9,7 +9,8 @@ whether the backend is memory, SQLite or a replicated engine.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
