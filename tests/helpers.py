@@ -1,0 +1,32 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hsu_registry.model import ModuleAPI, PublishRequest
+
+SEED_PUBLISH = {
+    "moduleID": "test",
+    "processID": 1234,
+    "apis": [{"serviceIDs": ["service1"], "serverPort": 50051, "protocol": "grpc"}],
+}
+
+
+def api(*service_ids: str, port: int = 50051, protocol: str = "grpc") -> ModuleAPI:
+    return ModuleAPI(service_ids=service_ids or ("service1",), server_port=port, protocol=protocol)
+
+
+def publish_request(module_id: str = "echo", process_id: int = 1234, apis: int = 1) -> PublishRequest:
+    return PublishRequest(
+        module_id=module_id,
+        process_id=process_id,
+        apis=tuple(api(f"service{i}", port=50051 + i) for i in range(apis)),
+    )
+
+
+def publish_body(module_id: str = "echo", process_id: int = 1234, **extra: Any) -> bytes:
+    body = dict(SEED_PUBLISH, moduleID=module_id, processID=process_id)
+    body.update(extra)
+    return json.dumps(body).encode("utf-8")
