@@ -1,0 +1,81 @@
+"""
+Tests for the twistd plugin and L{hsu_registry.tap}, without sockets.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import IPlugin, getPlugins
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from hsu_registry import tap
+from hsu_registry.service import CleanupService, RegistryService, StoreService, makeService
+
+
+class PluginTests(SynchronousTestCase):
+    def test_discoverable(self) -> None:
+        """twistd finds an IServiceMaker plugin named hsu-registry pointing at hsu_registry.tap."""
+        makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "hsu-registry"]
+        self.assertEqual(len(makers), 1)
+        maker = makers[0]
+        self.assertTrue(verifyObject(IServiceMaker, maker))
+        self.assertTrue(verifyObject(IPlugin, maker))
+        self.assertIs(maker.options, tap.Options)
+
+    def test_plugin_import_is_light(self) -> None:
+        """Importing the plugin module or the package installs no reactor and imports no Klein."""
+        code = (
+            "import sys\n"
+            "import hsu_registry\n"
+            "from twisted.plugins import hsu_registry_plugin\n"
+            "from twisted.plugin import getPlugins, IPlugin\n"
+            "list(getPlugins(IPlugin))\n"
+            "assert 'twisted.internet.reactor' not in sys.modules, 'reactor installed'\n"
+            "assert 'klein' not in sys.modules, 'klein imported'\n"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_tap_make_service(self) -> None:
+        """tap.makeService builds the service tree from parsed options."""
+        options = tap.Options()
+        options.parseOptions(["--endpoint=tcp:0:interface=127.0.0.1", "--cleanup-interval=5s"])
+        service = tap.makeService(options)
+        self.assertIsInstance(service, RegistryService)
+
+    def test_wiring_and_order(self) -> None:
+        """Store first, cleanup next, one listener per endpoint last, sharing one Site."""
+        options = tap.Options()
+        options.parseOptions(
+            ["--endpoint=tcp:0:interface=127.0.0.1", "--endpoint=unix:/tmp/hsu-x.sock"]
+        )
+        service = makeService(options.config, MemoryReactorClock())
+        children = list(service)
+        self.assertIsInstance(children[0], StoreService)
+        self.assertIsInstance(children[1], CleanupService)
+        self.assertEqual([c.name for c in children[2:]], ["listener-0", "listener-1"])
+        self.assertIs(children[2].factory, children[3].factory)
+        self.assertIs(children[2].factory, service.site)
+        self.assertEqual(children[1].interval, 60.0)
+        self.assertEqual(service.getServiceNamed("cleanup"), children[1])
+        # A unix endpoint without a mode gets 0600.
+        self.assertEqual(children[3].description, "unix:/tmp/hsu-x.sock:mode=600")
+
+    def test_listens_on_given_reactor(self) -> None:
+        """Starting the service listens through the injected reactor."""
+        reactor = MemoryReactorClock()
+        options = tap.Options()
+        options.parseOptions(["--endpoint=tcp:17999:interface=127.0.0.1"])
+        service = makeService(options.config, reactor)
+        service.startService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+        port, factory, _, interface = reactor.tcpServers[0]
+        self.assertEqual((port, interface), (17999, "127.0.0.1"))
+        self.assertIs(factory, service.site)
+        self.successResultOf(service.stopService())
