@@ -18,7 +18,9 @@ def api(*service_ids: str, port: int = 50051, protocol: str = "grpc") -> ModuleA
     return ModuleAPI(service_ids=service_ids or ("service1",), server_port=port, protocol=protocol)
 
 
-def publish_request(module_id: str = "echo", process_id: int = 1234, apis: int = 1) -> PublishRequest:
+def publish_request(
+    module_id: str = "echo", process_id: int = 1234, apis: int = 1
+) -> PublishRequest:
     return PublishRequest(
         module_id=module_id,
         process_id=process_id,

@@ -33,7 +33,7 @@ class APITestCase(SynchronousTestCase):
         self.store = ControllableStore()
         self.registry = Registry(self.store, self.clock, max_modules=10)
         self.api = RegistryAPI(self.registry)
-        self.treq = StubTreq(self.api.resource())
+        self.treq: Any = StubTreq(self.api.resource())
 
     def request(
         self, method: str, path: str, body: bytes | None = None, **kwargs: Any
@@ -51,7 +51,7 @@ class APITestCase(SynchronousTestCase):
         code, parsed, _ = self.request("POST", "/publish", body)
         return code, parsed
 
-    def assertError(self, result: tuple[int, Any], status: int, *fragments: str) -> None:
+    def assertError(self, result: tuple[Any, ...], status: int, *fragments: str) -> None:
         code, body = result[0], result[1]
         self.assertEqual(code, status, body)
         self.assertEqual(body["success"], False)
@@ -235,30 +235,60 @@ class BadInputTests(APITestCase):
         self.assertError(self.publish({"apis": []}), 400, "moduleID")
 
     def test_mistyped_fields(self) -> None:
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"moduleID": 5, "apis": []}, "moduleID"),
             ({"moduleID": "test", "processID": "1", "apis": []}, "processID"),
             ({"moduleID": "test", "processID": -1, "apis": []}, "processID"),
             ({"moduleID": "test", "apis": {}}, "apis"),
             ({"moduleID": "test"}, "apis"),
-            ({"moduleID": "test", "apis": [{"serviceIDs": [], "serverPort": 1, "protocol": "x"}]},
-             "apis[0].serviceIDs"),
-            ({"moduleID": "test", "apis": [{"serviceIDs": ["a"], "serverPort": 0, "protocol": "x"}]},
-             "apis[0].serverPort"),
-            ({"moduleID": "test",
-              "apis": [{"serviceIDs": ["a"], "serverPort": 65536, "protocol": "x"}]},
-             "apis[0].serverPort"),
-            ({"moduleID": "test",
-              "apis": [{"serviceIDs": ["a"], "serverPort": True, "protocol": "x"}]},
-             "apis[0].serverPort"),
-            ({"moduleID": "test",
-              "apis": [{"serviceIDs": ["a"], "serverPort": 80.0, "protocol": "x"}]},
-             "apis[0].serverPort"),
-            ({"moduleID": "test", "apis": [{"serviceIDs": ["a"], "serverPort": 80}]},
-             "apis[0].protocol"),
-            ({"moduleID": "test",
-              "apis": [{"serviceIDs": ["a"], "serverPort": 80, "protocol": "x", "metadata": []}]},
-             "apis[0].metadata"),
+            (
+                {
+                    "moduleID": "test",
+                    "apis": [{"serviceIDs": [], "serverPort": 1, "protocol": "x"}],
+                },
+                "apis[0].serviceIDs",
+            ),
+            (
+                {
+                    "moduleID": "test",
+                    "apis": [{"serviceIDs": ["a"], "serverPort": 0, "protocol": "x"}],
+                },
+                "apis[0].serverPort",
+            ),
+            (
+                {
+                    "moduleID": "test",
+                    "apis": [{"serviceIDs": ["a"], "serverPort": 65536, "protocol": "x"}],
+                },
+                "apis[0].serverPort",
+            ),
+            (
+                {
+                    "moduleID": "test",
+                    "apis": [{"serviceIDs": ["a"], "serverPort": True, "protocol": "x"}],
+                },
+                "apis[0].serverPort",
+            ),
+            (
+                {
+                    "moduleID": "test",
+                    "apis": [{"serviceIDs": ["a"], "serverPort": 80.0, "protocol": "x"}],
+                },
+                "apis[0].serverPort",
+            ),
+            (
+                {"moduleID": "test", "apis": [{"serviceIDs": ["a"], "serverPort": 80}]},
+                "apis[0].protocol",
+            ),
+            (
+                {
+                    "moduleID": "test",
+                    "apis": [
+                        {"serviceIDs": ["a"], "serverPort": 80, "protocol": "x", "metadata": []}
+                    ],
+                },
+                "apis[0].metadata",
+            ),
         ]
         for body, field in cases:
             self.assertError(self.publish(body), 400, field)
@@ -278,7 +308,9 @@ class ErrorShapeTests(APITestCase):
 
     def test_unknown_path(self) -> None:
         """An unknown path answers a JSON 404."""
-        self.assertError(self.request("GET", "http://registry.invalid/nope"), 404, "no such endpoint")
+        self.assertError(
+            self.request("GET", "http://registry.invalid/nope"), 404, "no such endpoint"
+        )
         self.assertError(self.request("GET", "/discover/"), 404)
 
     def test_wrong_method(self) -> None:
@@ -320,7 +352,7 @@ class ErrorShapeTests(APITestCase):
         def broken(module_id: str) -> None:
             raise RuntimeError("secret internals")
 
-        self.registry.discover = broken  # type: ignore[method-assign]
+        self.registry.discover = broken  # type: ignore[method-assign,assignment]
         code, body, _ = self.request("GET", "/discover/x")
         self.assertEqual((code, body), (500, {"success": False, "error": "internal error"}))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -355,7 +387,7 @@ class MountingTests(SynchronousTestCase):
         registry = Registry(ControllableStore(), Clock())
         root = Resource()
         root.putChild(b"registry", RegistryAPI(registry).resource())
-        treq = StubTreq(root)
+        treq: Any = StubTreq(root)
         response = self.successResultOf(
             treq.post(
                 "http://host.invalid/registry/api/v1/publish",
@@ -363,5 +395,7 @@ class MountingTests(SynchronousTestCase):
             )
         )
         self.assertEqual(response.code, 200)
-        response = self.successResultOf(treq.get("http://host.invalid/registry/api/v1/discover/test"))
+        response = self.successResultOf(
+            treq.get("http://host.invalid/registry/api/v1/discover/test")
+        )
         self.assertEqual(json.loads(self.successResultOf(response.content()))["moduleID"], "test")

@@ -52,7 +52,7 @@ class RunTests(SynchronousTestCase):
 
             raise CannotListenError("127.0.0.1", 17990, OSError(98, "Address already in use"))
 
-        reactor.listenTCP = refuse  # type: ignore[method-assign,assignment]
+        reactor.listenTCP = refuse  # type: ignore[method-assign]
         stderr = io.StringIO()
         self.assertEqual(run(["--endpoint=tcp:17990:interface=127.0.0.1"], reactor, stderr), 1)
         lines = stderr.getvalue().splitlines()

@@ -45,8 +45,9 @@ class SeedFlagTests(SynchronousTestCase):
             self.assertRaises(ValueError, tcp_endpoint, bad)
 
     def test_socket_path(self) -> None:
-        self.assertEqual(unix_endpoint("/var/run/hsu/registry.sock"),
-                         "unix:/var/run/hsu/registry.sock:mode=600")
+        self.assertEqual(
+            unix_endpoint("/var/run/hsu/registry.sock"), "unix:/var/run/hsu/registry.sock:mode=600"
+        )
         self.assertRaises(ValueError, unix_endpoint, "")
 
 

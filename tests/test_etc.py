@@ -23,7 +23,7 @@ class EtcTests(SynchronousTestCase):
         """The unit runs twistd -n hsu-registry with options the plugin accepts."""
         unit = self.read("systemd", "hsu-registry.service")
         (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
-        argv = shlex.split(exec_start[len("ExecStart="):])
+        argv = shlex.split(exec_start[len("ExecStart=") :])
         self.assertIn("--nodaemon", argv)
         plugin_args = [a for a in argv[argv.index("hsu-registry") + 1 :] if not a.startswith("$")]
         options = Options()
@@ -33,7 +33,7 @@ class EtcTests(SynchronousTestCase):
     def test_default_options_parse(self) -> None:
         """The example options in etc/default parse."""
         text = self.read("default", "hsu-registry")
-        (line,) = [l for l in text.splitlines() if l.startswith("HSU_REGISTRY_OPTS=")]
+        (line,) = [x for x in text.splitlines() if x.startswith("HSU_REGISTRY_OPTS=")]
         options = Options()
         options.parseOptions(shlex.split(shlex.split(line.split("=", 1)[1])[0]))
         self.assertEqual(options.config.stale_after, 300.0)

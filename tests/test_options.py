@@ -35,7 +35,9 @@ class OptionsTests(SynchronousTestCase):
         config = parse(
             "--endpoint=tcp:0:interface=127.0.0.1", "--endpoint", "unix:/tmp/x.sock:mode=660"
         )
-        self.assertEqual(config.endpoints, ("tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock:mode=660"))
+        self.assertEqual(
+            config.endpoints, ("tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock:mode=660")
+        )
 
     def test_durations(self) -> None:
         """Durations take Go-style strings."""

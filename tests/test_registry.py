@@ -171,7 +171,9 @@ class RegistryTests(SynchronousTestCase):
         """When the store fails, the publish fails and memory, index and observers are unchanged."""
         self.publish("echo", apis=1)
         self.store.failing = True
-        self.failureResultOf(self.registry.publish(publish_request("echo", apis=3)), StoreUnavailable)
+        self.failureResultOf(
+            self.registry.publish(publish_request("echo", apis=3)), StoreUnavailable
+        )
         self.failureResultOf(self.registry.publish(publish_request("new")), StoreUnavailable)
         self.failureResultOf(self.registry.unpublish("echo"), StoreUnavailable)
         self.assertEqual(len(self.changes), 1)

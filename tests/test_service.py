@@ -16,6 +16,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -60,7 +61,7 @@ class CleanupServiceTests(SynchronousTestCase):
                 return fail(RuntimeError("disk on fire"))
             return succeed([])
 
-        self.registry.expire = expire  # type: ignore[method-assign]
+        self.registry.expire = expire  # type: ignore[method-assign,assignment]
         self.service.startService()
         self.clock.advance(30)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -113,9 +114,7 @@ class ListeningTests(TestCase):
         )
         self.assertEqual(response.code, 200)
         await response.content()
-        unix = HTTPClient(
-            Agent.usingEndpointFactory(reactor, _UNIXFactory(self.socket_path))
-        )
+        unix = HTTPClient(Agent.usingEndpointFactory(reactor, _UNIXFactory(self.socket_path)))
         response = await unix.get("http://localhost/api/v1/discover/test")
         self.assertEqual(json.loads(await response.content())["moduleID"], "test")
 
@@ -150,7 +149,7 @@ class ListeningTests(TestCase):
         live.listen(1)
         self.addCleanup(live.close)
         service = makeService(RegistryConfig(endpoints=(f"unix:{self.socket_path}",)), reactor)
-        error = self.assertRaises(Exception, service.startService)
+        error = self.assertRaises(CannotListenError, service.startService)
         self.assertIn("answering on this socket", str(error))
         self.assertTrue(os.path.exists(self.socket_path))
         try:
@@ -164,7 +163,7 @@ class ListeningTests(TestCase):
         with open(self.socket_path, "w") as f:
             f.write("precious")
         service = makeService(RegistryConfig(endpoints=(f"unix:{self.socket_path}",)), reactor)
-        self.assertRaises(Exception, service.startService)
+        self.assertRaises(CannotListenError, service.startService)
         with open(self.socket_path) as f:
             self.assertEqual(f.read(), "precious")
         try:

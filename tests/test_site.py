@@ -138,7 +138,7 @@ class SiteTests(SynchronousTestCase):
         """Requests are not logged unless the access log is turned on."""
         written: list[str] = []
         self.site.logFile = type("F", (), {"write": written.append})()
-        channel, transport = self.connect()
+        channel, _ = self.connect()
         channel.dataReceived(b"GET /api/v1/health HTTP/1.1\r\nHost: r\r\n\r\n")  # type: ignore[attr-defined]
         self.assertEqual(written, [])
         self.site.access_log = True

@@ -1,0 +1,1 @@
+"""Benchmarks for hsu-registry (see README.rst)."""
