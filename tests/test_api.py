@@ -321,6 +321,12 @@ class ErrorShapeTests(APITestCase):
         self.assertError(self.request("POST", "/health"), 405)
         self.assertError(self.request("PUT", "/discover/x"), 405)
 
+    def test_options_changes_nothing(self) -> None:
+        """OPTIONS on the unpublish route answers 405 and does not unpublish."""
+        self.publish(SEED_PUBLISH)
+        self.assertError(self.request("OPTIONS", "/unpublish/test"), 405)
+        self.assertIsNotNone(self.registry.get("test"))
+
     def test_non_utf8_path(self) -> None:
         """A percent-encoded path that is not UTF-8 answers a JSON 400."""
         self.assertError(self.request("GET", "/discover/%FF%FE"), 400, "UTF-8")

@@ -4,16 +4,21 @@ Tests for the twistd plugin and L{hsu_registry.tap}, without sockets.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from typing import Any
 
-from twisted.application.service import IServiceMaker
+from treq.testing import StubTreq
+from twisted.application.service import IServiceMaker, MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from hsu_registry import tap
+from hsu_registry.config import RegistryConfig
 from hsu_registry.service import CleanupService, RegistryService, StoreService, makeService
 
 
@@ -79,3 +84,33 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual((port, interface), (17999, "127.0.0.1"))
         self.assertIs(factory, service.site)
         self.successResultOf(service.stopService())
+
+
+class EmbeddingTests(SynchronousTestCase):
+    """An application embeds the registry with its own reactor, clock and Site."""
+
+    def test_mount_under_host_site_with_own_clock(self) -> None:
+        """With no endpoints, the service listens nowhere; its resource serves under a
+        host path, and its cleanup runs on the host's clock."""
+        clock = MemoryReactorClock()
+        application = MultiService()
+        service = makeService(
+            RegistryConfig(endpoints=(), stale_after=60, expire_after=60, cleanup_interval=10),
+            clock,
+        )
+        service.setServiceParent(application)
+        application.startService()
+        self.assertEqual(clock.tcpServers, [])
+        root = Resource()
+        root.putChild(b"registry", service.resource())
+        treq: Any = StubTreq(root)
+        body = {"moduleID": "embedded", "apis": []}
+        response = self.successResultOf(
+            treq.post("http://app/registry/api/v1/publish", data=json.dumps(body).encode())
+        )
+        self.assertEqual(response.code, 200)
+        self.assertIsNotNone(service.registry.get("embedded"))
+        clock.advance(61)
+        clock.advance(10)
+        self.assertIsNone(service.registry.get("embedded"))
+        self.successResultOf(application.stopService())
