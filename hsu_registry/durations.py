@@ -8,6 +8,7 @@ Go's ``time.Duration`` syntax, so we accept and produce the same text.
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["format_duration", "parse_duration"]
@@ -23,7 +24,9 @@ _UNITS = {
     "h": 3600.0,
 }
 
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_PART = re.compile(f"({_NUMBER})(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_BARE = re.compile(_NUMBER)
 
 # Longer than any sensible configuration value, short enough that a typo like
 # "99999999h" is refused instead of overflowing a timer.
@@ -46,22 +49,19 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"negative duration: {text!r}")
     if s.startswith("+"):
         s = s[1:]
-    try:
+    if not s:
+        raise ValueError(f"invalid duration {text!r}")
+    if _BARE.fullmatch(s):
         seconds = float(s)
-    except ValueError:
+    else:
         pos = 0
         seconds = 0.0
         while pos < len(s):
             match = _PART.match(s, pos)
             if match is None:
-                raise ValueError(
-                    f"invalid duration {text!r} (expected e.g. 1m30s, 0.5s, 250ms)"
-                ) from None
+                raise ValueError(f"invalid duration {text!r} (expected e.g. 1m30s, 0.5s, 250ms)")
             seconds += float(match.group(1)) * _UNITS[match.group(2)]
             pos = match.end()
-    else:
-        if seconds != seconds or seconds < 0:  # NaN or negative
-            raise ValueError(f"invalid duration {text!r}")
     if seconds > _MAX_SECONDS:
         raise ValueError(f"duration {text!r} is longer than a year")
     return seconds
@@ -72,7 +72,9 @@ def format_duration(seconds: float) -> str:
     Format whole seconds the way Go's ``Duration.String`` does after
     ``Round(time.Second)``: ``0s``, ``45s``, ``1m0s``, ``2h30m15s``.
     """
-    total = round(max(seconds, 0.0))
+    if not 0.0 < seconds < math.inf:  # negative, NaN or infinite
+        return "0s"
+    total = math.floor(seconds + 0.5)  # Go rounds halves away from zero
     if total == 0:
         return "0s"
     hours, rest = divmod(total, 3600)

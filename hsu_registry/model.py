@@ -254,6 +254,19 @@ def _parse_api(raw: Any, where: str, limits: Limits) -> ModuleAPI:
     )
 
 
+def _last_wins_in_order(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """
+    Build an object whose keys stand in the order of their last occurrence, so
+    that folding keys case-insensitively lets the last one in the document win,
+    as Go's decoder does.
+    """
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        obj.pop(key, None)
+        obj[key] = value
+    return obj
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -273,7 +286,9 @@ def parse_publish_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> PublishR
     if not text.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
-        raw = json.loads(text, parse_constant=_refuse_constant)
+        raw = json.loads(
+            text, parse_constant=_refuse_constant, object_pairs_hook=_last_wins_in_order
+        )
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply") from None
     except ValueError as e:
