@@ -12,6 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "hsu_registry",
+        "hsu_registry.client",
         "hsu_registry.stores",
         "hsu_registry.web",
         "twisted.plugins",

@@ -28,6 +28,7 @@ __all__ = [
     "Registration",
     "encode_discover",
     "encode_json",
+    "parse_api",
     "parse_process_id",
     "parse_publish_body",
     "validate_id",
@@ -186,7 +187,8 @@ def _integer(value: Any, what: str) -> int:
     return value
 
 
-def _parse_api(raw: Any, where: str, limits: Limits) -> ModuleAPI:
+def parse_api(raw: Any, where: str, limits: Limits = DEFAULT_LIMITS) -> ModuleAPI:
+    """Validate one API entry (a decoded JSON object) into a L{ModuleAPI}."""
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where} must be an object")
     obj = _fold(raw)
@@ -315,7 +317,7 @@ def parse_publish_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> PublishR
         raise InvalidRequest("apis must be a list")
     if len(apis) > limits.max_apis:
         raise InvalidRequest(f"apis has more than {limits.max_apis} entries")
-    parsed = tuple(_parse_api(api, f"apis[{i}]", limits) for i, api in enumerate(apis))
+    parsed = tuple(parse_api(api, f"apis[{i}]", limits) for i, api in enumerate(apis))
     return PublishRequest(module_id=module_id, process_id=process_id, apis=parsed)
 
 

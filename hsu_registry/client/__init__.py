@@ -1,0 +1,53 @@
+"""
+Clients of the registry: L{RegistryClient} for code on a Twisted reactor,
+L{BlockingRegistryClient} for everything else, L{PublishingService} to keep a
+module registered for its whole life.
+
+Importing this package installs no reactor and imports no Klein.
+"""
+
+from typing import TYPE_CHECKING
+
+from hsu_registry.client.blocking import BlockingRegistryClient
+from hsu_registry.client.errors import (
+    ModuleNotFound,
+    RegistryError,
+    RegistryRejected,
+    RegistryUnavailable,
+)
+from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.protocol import Health
+from hsu_registry.client.urls import DEFAULT_URL, parse_registry_url
+
+if TYPE_CHECKING:
+    from hsu_registry.client.asynchronous import RegistryClient
+    from hsu_registry.client.publishing import PublishingService
+
+__all__ = [
+    "DEFAULT_URL",
+    "BlockingRegistryClient",
+    "Health",
+    "ModuleNotFound",
+    "PublishingService",
+    "RegistryClient",
+    "RegistryError",
+    "RegistryRejected",
+    "RegistryUnavailable",
+    "RemoteAPI",
+    "RemoteModuleAPI",
+    "parse_registry_url",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The Twisted-based pieces import twisted.web.client only when asked for,
+    # so blocking users pay nothing for them.
+    if name == "RegistryClient":
+        from hsu_registry.client.asynchronous import RegistryClient
+
+        return RegistryClient
+    if name == "PublishingService":
+        from hsu_registry.client.publishing import PublishingService
+
+        return PublishingService
+    raise AttributeError(name)

@@ -1,0 +1,167 @@
+# -*- test-case-name: tests.test_client -*-
+"""
+L{BlockingRegistryClient}: a synchronous client on the standard library only,
+for code with no reactor.  Each thread keeps its own persistent connection,
+so one client may be shared by many threads.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from hsu_registry.client.errors import RegistryError
+from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.protocol import (
+    Call,
+    Health,
+    discover_call,
+    health_call,
+    publish_call,
+    unavailable,
+    unpublish_call,
+)
+from hsu_registry.client.urls import RegistryAddress, parse_registry_url
+
+__all__ = ["BlockingRegistryClient"]
+
+# Failures of a kept-alive connection that the server closed meanwhile: the
+# request is sent again once on a fresh connection (every call is idempotent).
+_STALE_CONNECTION = (
+    http.client.RemoteDisconnected,
+    http.client.BadStatusLine,
+    ConnectionResetError,
+    BrokenPipeError,
+)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class BlockingRegistryClient:
+    """
+    The registry client for synchronous code; the same methods as
+    L{hsu_registry.client.RegistryClient}, returning results directly and
+    raising L{hsu_registry.client.errors.RegistryError}s.
+
+    @param timeout: seconds for connecting and for each answer.
+    """
+
+    def __init__(self, url: str | None = None, timeout: float = 5.0) -> None:
+        self.address: RegistryAddress = parse_registry_url(url)
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"<BlockingRegistryClient {self.address.url}>"
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            if self.address.path is not None:
+                connection = _UnixHTTPConnection(self.address.path, self.timeout)
+            else:
+                assert self.address.host is not None
+                connection = http.client.HTTPConnection(
+                    self.address.host, self.address.port, timeout=self.timeout
+                )
+            self._local.connection = connection
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            connection.close()
+
+    def _exchange(self, call: Call) -> tuple[int, bytes]:
+        connection = self._connection()
+        reused = connection.sock is not None
+        headers = {"Content-Type": "application/json"} if call.body is not None else {}
+        try:
+            connection.request(call.method, call.path, call.body, headers)
+            response = connection.getresponse()
+            data = response.read()
+        except _STALE_CONNECTION:
+            self._drop_connection()
+            if not reused:
+                raise
+            return self._exchange(call)
+        except BaseException:
+            self._drop_connection()
+            raise
+        if response.will_close:
+            self._drop_connection()
+        return response.status, data
+
+    def _request(self, call: Call) -> Any:
+        try:
+            status, data = self._exchange(call)
+        except TimeoutError:
+            raise unavailable(self.address.url, f"no answer within {self.timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise unavailable(self.address.url, _describe(e)) from None
+        return call.interpret(status, data)
+
+    def publish_apis(self, remote_apis: Iterable[RemoteAPI], process_id: int | None = None) -> None:
+        """
+        Publish each module's APIs (one request per module) as C{process_id},
+        by default this process.  Raises the first error after trying all.
+        """
+        pid = os.getpid() if process_id is None else process_id
+        first: RegistryError | None = None
+        for remote in remote_apis:
+            try:
+                self._request(publish_call(remote, pid))
+            except RegistryError as e:
+                first = first or e
+        if first is not None:
+            raise first
+
+    def find_module_apis(self, module_id: str) -> list[RemoteModuleAPI]:
+        """The APIs of C{module_id}; raises L{ModuleNotFound} when it is not there."""
+        result: list[RemoteModuleAPI] = self._request(discover_call(module_id))
+        return result
+
+    def unpublish(self, module_id: str, process_id: int | None = None) -> None:
+        """
+        Remove C{module_id}'s registration; with C{process_id}, only if that
+        process owns it.
+        """
+        self._request(unpublish_call(module_id, process_id))
+
+    def health(self) -> Health:
+        result: Health = self._request(health_call())
+        return result
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        self._drop_connection()
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, FileNotFoundError):
+        text = "the socket does not exist"
+    elif isinstance(error, ConnectionRefusedError):
+        text = "connection refused"
+    return " ".join(text.split())

@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_client_model -*-
+"""
+The client's view of registrations, as the seed's Go client names them:
+L{RemoteAPI} (a module and its APIs) and L{RemoteModuleAPI} (one endpoint).
+
+They are validated on construction with the server's own rules, so a record
+that can be built can be published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from attrs import field, frozen
+
+from hsu_registry.errors import InvalidRequest
+from hsu_registry.model import parse_api, validate_id
+
+__all__ = ["RemoteAPI", "RemoteModuleAPI"]
+
+
+def _service_ids(value: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _metadata(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    if not value:
+        return None
+    return MappingProxyType(dict(value))
+
+
+@frozen
+class RemoteModuleAPI:
+    """
+    One API endpoint a module serves.
+
+    @raise ValueError: on construction, when the server would refuse it.
+    """
+
+    service_ids: tuple[str, ...] = field(converter=_service_ids)
+    server_port: int
+    protocol: str
+    address: str | None = None
+    metadata: Mapping[str, str] | None = field(default=None, converter=_metadata, hash=False)
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            parse_api(self.to_json(), "api")
+        except InvalidRequest as e:
+            raise ValueError(e.message) from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The publish body's shape, with empty optional fields omitted."""
+        out: dict[str, Any] = {
+            "serviceIDs": list(self.service_ids),
+            "serverPort": self.server_port,
+            "protocol": self.protocol,
+        }
+        if self.address:
+            out["address"] = self.address
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RemoteModuleAPI:
+        """
+        Read one API entry of a discover answer.
+
+        @raise ValueError: when it is not a valid entry.
+        """
+        try:
+            api = parse_api(raw, "api")
+        except InvalidRequest as e:
+            raise ValueError(e.message) from None
+        return cls(
+            service_ids=api.service_ids,
+            server_port=api.server_port,
+            protocol=api.protocol,
+            address=api.address,
+            metadata=dict(api.metadata) or None,
+        )
+
+
+def _api_tuple(value: Iterable[RemoteModuleAPI]) -> tuple[RemoteModuleAPI, ...]:
+    return tuple(value)
+
+
+@frozen
+class RemoteAPI:
+    """
+    A module and the APIs it publishes.
+
+    @raise ValueError: on construction, when the server would refuse it.
+    """
+
+    module_id: str
+    apis: tuple[RemoteModuleAPI, ...] = field(converter=_api_tuple)
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            validate_id(self.module_id, "module_id")
+        except InvalidRequest as e:
+            raise ValueError(e.message) from None
+        for api in self.apis:
+            if not isinstance(api, RemoteModuleAPI):
+                raise ValueError("apis must be RemoteModuleAPI instances")
+
+    def publish_body(self, process_id: int) -> dict[str, Any]:
+        """The JSON body of a publish request for this module."""
+        return {
+            "moduleID": self.module_id,
+            "processID": process_id,
+            "apis": [api.to_json() for api in self.apis],
+        }

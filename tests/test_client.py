@@ -1,0 +1,418 @@
+"""
+Tests for L{hsu_registry.client}: both clients against a real in-process
+registry on a real TCP port and a real unix socket, and their error paths
+(refused, missing socket, hanging server, 4xx and 5xx answers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from hsu_registry.client import (
+    BlockingRegistryClient,
+    ModuleNotFound,
+    RegistryClient,
+    RegistryError,
+    RegistryRejected,
+    RegistryUnavailable,
+    RemoteAPI,
+    RemoteModuleAPI,
+)
+from hsu_registry.config import RegistryConfig
+from hsu_registry.service import makeService
+
+ECHO = RemoteAPI(
+    "echo",
+    [
+        RemoteModuleAPI(["service1", "service2"], 50051, "grpc"),
+        RemoteModuleAPI("web", 8080, "http", address="10.0.0.7", metadata={"Version": "2"}),
+    ],
+)
+
+
+def _short_tempdir(case: SynchronousTestCase) -> str:
+    # AF_UNIX paths are limited to 108 bytes: trial's temp dirs can be longer.
+    directory = tempfile.mkdtemp(prefix="hsu")
+    case.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
+def _closed_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+class RegistryServerMixin:
+    """Starts a real registry on TCP and on a unix socket for each test."""
+
+    def start_registry(self, case: TestCase, **config: Any) -> None:
+        directory = _short_tempdir(case)
+        self.socket_path = os.path.join(directory, "registry.sock")
+        self.service = makeService(
+            RegistryConfig(
+                endpoints=("tcp:0:interface=127.0.0.1", f"unix:{self.socket_path}"), **config
+            ),
+            reactor,
+        )
+        self.service.startService()
+        case.addCleanup(self.service.stopService)
+        port = self.service.listeners[0].port
+        assert port is not None
+        self.tcp_url = f"tcp://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        self.unix_url = f"unix://{self.socket_path}"
+        self.connections = 0
+        build = self.service.site.buildProtocol
+
+        def counting(addr: Any) -> Any:
+            self.connections += 1
+            return build(addr)
+
+        self.service.site.buildProtocol = counting  # type: ignore[method-assign]
+
+
+class AsyncClientTests(RegistryServerMixin, TestCase):
+    """L{RegistryClient} on the reactor, over TCP and the unix socket."""
+
+    def setUp(self) -> None:
+        self.start_registry(self, max_body_size=4096)
+
+    def client(self, url: str, timeout: float = 5.0) -> RegistryClient:
+        client = RegistryClient(url, reactor, timeout=timeout)
+        self.addCleanup(client.close)
+        return client
+
+    async def round_trip(self, url: str) -> None:
+        client = self.client(url)
+        await client.publish_apis([ECHO], process_id=42)
+        self.assertEqual(await client.find_module_apis("echo"), list(ECHO.apis))
+        health = await client.health()
+        self.assertEqual(
+            (health.status, health.registered_modules, health.total_apis), ("healthy", 1, 2)
+        )
+        registration = self.service.registry.get("echo")
+        assert registration is not None
+        self.assertEqual(registration.process_id, 42)
+        with self.assertRaises(RegistryRejected) as caught:
+            await client.unpublish("echo", process_id=43)
+        self.assertEqual(caught.exception.status, 409)
+        self.assertIn("another process", caught.exception.message)
+        await client.unpublish("echo", process_id=42)
+        with self.assertRaises(ModuleNotFound) as missing:
+            await client.find_module_apis("echo")
+        self.assertEqual(missing.exception.module_id, "echo")
+        self.assertEqual(self.connections, 1, "requests should share one persistent connection")
+
+    async def test_tcp(self) -> None:
+        """Publish, discover, health and unpublish over TCP on one connection."""
+        await self.round_trip(self.tcp_url)
+
+    async def test_unix(self) -> None:
+        """The same over the unix socket."""
+        await self.round_trip(self.unix_url)
+
+    async def test_http_scheme(self) -> None:
+        """http://host:port is the same as tcp://host:port."""
+        client = self.client(self.tcp_url.replace("tcp://", "http://"))
+        self.assertEqual((await client.health()).status, "healthy")
+
+    async def test_default_process_id(self) -> None:
+        """Without a process ID, publish registers this process."""
+        await self.client(self.tcp_url).publish_apis([ECHO])
+        registration = self.service.registry.get("echo")
+        assert registration is not None
+        self.assertEqual(registration.process_id, os.getpid())
+
+    async def test_several_modules(self) -> None:
+        """publish_apis sends one request per module."""
+        modules = [RemoteAPI(f"m{i}", [RemoteModuleAPI("s", 1000 + i, "http")]) for i in range(3)]
+        await self.client(self.unix_url).publish_apis(modules)
+        self.assertEqual(len(self.service.registry), 3)
+
+    async def test_odd_module_id(self) -> None:
+        """Module IDs needing percent-encoding round-trip."""
+        odd = RemoteAPI("ünï?cøde#%&+", [RemoteModuleAPI("s", 1, "http")])
+        client = self.client(self.tcp_url)
+        await client.publish_apis([odd])
+        self.assertEqual(len(await client.find_module_apis(odd.module_id)), 1)
+        await client.unpublish(odd.module_id)
+        self.assertEqual(len(self.service.registry), 0)
+
+    async def test_rejected_with_server_message(self) -> None:
+        """A 4xx answer fails with RegistryRejected carrying the server's status and message."""
+        big = RemoteAPI("big", [RemoteModuleAPI("s", 1, "http", metadata={"k": "v" * 1000})] * 8)
+        with self.assertRaises(RegistryRejected) as caught:
+            await self.client(self.tcp_url).publish_apis([big])
+        self.assertEqual(caught.exception.status, 413)
+        self.assertIn("larger than the limit", caught.exception.message)
+
+    async def test_refused(self) -> None:
+        """A closed port fails with RegistryUnavailable."""
+        with self.assertRaises(RegistryUnavailable) as caught:
+            await self.client(f"tcp://127.0.0.1:{_closed_port()}").health()
+        self.assertIn("unavailable", str(caught.exception))
+
+    async def test_missing_socket(self) -> None:
+        """A unix socket that does not exist fails with RegistryUnavailable."""
+        with self.assertRaises(RegistryUnavailable):
+            await self.client(self.unix_url + ".missing").health()
+
+
+class HangingServerTests(SynchronousTestCase):
+    """The timeout holds even when the server accepts the connection and never answers."""
+
+    def test_async_timeout(self) -> None:
+        clock = MemoryReactorClock()
+        client = RegistryClient("tcp://127.0.0.1:17951", clock, timeout=2.0)
+        d = client.health()
+        # Accept the connection and never answer.
+        host, port, factory, _, _ = clock.tcpClients[0]
+        self.assertEqual((host, port), ("127.0.0.1", 17951))
+        protocol = factory.buildProtocol(None)
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIn(b"GET /api/v1/health", transport.value())
+        clock.advance(1.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        failure = self.failureResultOf(d, RegistryUnavailable)
+        self.assertIn("no answer within 2s", failure.getErrorMessage())
+
+    def test_async_connect_timeout(self) -> None:
+        """A connection attempt that never completes times out too."""
+        clock = MemoryReactorClock()
+        client = RegistryClient("tcp://127.0.0.1:17951", clock, timeout=1.0)
+        d = client.health()
+        clock.advance(1.1)
+        self.failureResultOf(d, RegistryUnavailable)
+
+
+class _Silent(Protocol):
+    """Accepts and never answers."""
+
+
+class BlockingClientTests(RegistryServerMixin, TestCase):
+    """L{BlockingRegistryClient} in worker threads, against the same real server."""
+
+    def setUp(self) -> None:
+        self.start_registry(self)
+
+    def in_thread(self, function: Any, *args: Any) -> Deferred[Any]:
+        return deferToThread(function, *args)
+
+    def round_trip(self, url: str) -> list[Any]:
+        client = BlockingRegistryClient(url)
+        try:
+            client.publish_apis([ECHO], process_id=42)
+            found = client.find_module_apis("echo")
+            health = client.health()
+            errors: list[Any] = []
+            try:
+                client.unpublish("echo", process_id=1)
+            except RegistryRejected as e:
+                errors.append(e.status)
+            client.unpublish("echo", process_id=42)
+            try:
+                client.find_module_apis("echo")
+            except ModuleNotFound as e:
+                errors.append(e.module_id)
+            return [found, health.registered_modules, health.uptime_seconds >= 0, errors]
+        finally:
+            client.close()
+
+    async def test_tcp(self) -> None:
+        """Publish, discover, health and unpublish over TCP on one connection."""
+        result = await self.in_thread(self.round_trip, self.tcp_url)
+        self.assertEqual(result, [list(ECHO.apis), 1, True, [409, "echo"]])
+        self.assertEqual(self.connections, 1)
+
+    async def test_unix(self) -> None:
+        """The same over the unix socket."""
+        result = await self.in_thread(self.round_trip, self.unix_url)
+        self.assertEqual(result, [list(ECHO.apis), 1, True, [409, "echo"]])
+
+    async def test_shared_between_threads(self) -> None:
+        """One client may be used from several threads at once."""
+        client = BlockingRegistryClient(self.tcp_url)
+
+        def work(n: int) -> int:
+            module = RemoteAPI(f"t{n}", [RemoteModuleAPI("s", 1000 + n, "http")])
+            for _ in range(5):
+                client.publish_apis([module])
+                client.find_module_apis(module.module_id)
+            return n
+
+        results = await Deferred.fromCoroutine(_gather([self.in_thread(work, n) for n in range(4)]))
+        self.assertEqual(sorted(results), [0, 1, 2, 3])
+        self.assertEqual(len(self.service.registry), 4)
+
+    async def test_reconnects_after_server_closes(self) -> None:
+        """A kept-alive connection the server closed is replaced transparently."""
+        client = BlockingRegistryClient(self.tcp_url)
+        await self.in_thread(client.health)
+        # Drop every server-side connection, as an idle timeout would.
+        channels = _open_channels(self.service.site)
+        self.assertEqual(len(channels), 1)
+        for protocol in channels:
+            protocol.transport.loseConnection()
+        health = await self.in_thread(client.health)
+        self.assertEqual(health.status, "healthy")
+        self.assertEqual(self.connections, 2)
+        await self.in_thread(client.close)
+
+    async def test_refused(self) -> None:
+        """A closed port raises RegistryUnavailable."""
+        client = BlockingRegistryClient(f"tcp://127.0.0.1:{_closed_port()}")
+        error = await self.in_thread(_error_of, client.health)
+        self.assertIsInstance(error, RegistryUnavailable)
+        self.assertIn("connection refused", str(error))
+
+    async def test_missing_socket(self) -> None:
+        """A missing unix socket raises RegistryUnavailable."""
+        client = BlockingRegistryClient(self.unix_url + ".missing")
+        error = await self.in_thread(_error_of, client.health)
+        self.assertIsInstance(error, RegistryUnavailable)
+        self.assertIn("socket does not exist", str(error))
+
+    async def test_hanging_server(self) -> None:
+        """A server that accepts and never answers raises RegistryUnavailable at the timeout.
+
+        The blocking client's timeout is a socket timeout, so this one waits for
+        real: 50 ms."""
+        port = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = BlockingRegistryClient(f"tcp://127.0.0.1:{port.getHost().port}", timeout=0.05)
+        error = await self.in_thread(_error_of, client.health)
+        self.assertIsInstance(error, RegistryUnavailable)
+        self.assertIn("no answer within 0.05s", str(error))
+
+
+class _Canned(Resource):
+    """Answers every request with a fixed status and body."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__()
+        self.status, self.body = status, body
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(self.status)
+        request.setHeader(b"connection", b"close")
+        return self.body
+
+
+class AnswerTests(TestCase):
+    """How each kind of answer maps to a result or a typed error, for both clients."""
+
+    CASES = [
+        (500, b'{"success":false,"error":"internal error"}', RegistryUnavailable, "internal error"),
+        (503, b'{"success":false,"error":"store down"}', RegistryUnavailable, "store down"),
+        (418, b'{"success":false,"error":"teapot"}', RegistryRejected, "teapot"),
+        (400, b"<html>nope</html>", RegistryRejected, "HTTP 400"),
+        (
+            404,
+            b'{"success":false,"error":"no such endpoint"}',
+            RegistryRejected,
+            "no such endpoint",
+        ),
+        (200, b"not json", RegistryUnavailable, "not JSON"),
+        (200, b'{"moduleID":"x"}', RegistryUnavailable, "malformed"),
+        (502, b"", RegistryUnavailable, "HTTP 502"),
+    ]
+
+    async def test_answers(self) -> None:
+        for status, body, error_type, fragment in self.CASES:
+            port = reactor.listenTCP(0, Site(_Canned(status, body)), interface="127.0.0.1")
+            url = f"tcp://127.0.0.1:{port.getHost().port}"
+            try:
+                client = RegistryClient(url, reactor)
+                try:
+                    with self.assertRaises(error_type) as caught:
+                        await client.find_module_apis("x")
+                    self.assertIn(fragment, str(caught.exception))
+                finally:
+                    await client.close()
+                blocking = BlockingRegistryClient(url)
+                error = await deferToThread(_error_of, blocking.find_module_apis, "x")
+                self.assertIsInstance(error, error_type, (status, body))
+                self.assertIn(fragment, str(error))
+                await deferToThread(blocking.close)
+            finally:
+                await port.stopListening()
+
+
+class ConstructionTests(SynchronousTestCase):
+    def test_bad_urls(self) -> None:
+        """A malformed URL or unknown scheme raises ValueError at construction."""
+        for url in (
+            "ftp://x:1",
+            "tcp://host",
+            "tcp://:80",
+            "unix://relative",
+            "",
+            "tcp://h:0",
+            "tcp://h:99999",
+            "http://h:1/path",
+        ):
+            self.assertRaises(ValueError, BlockingRegistryClient, url)
+            self.assertRaises(ValueError, RegistryClient, url, MemoryReactorClock())
+
+    def test_environment_default(self) -> None:
+        """With no URL: $HSU_REGISTRY_URL, else tcp://127.0.0.1:17951."""
+        self.patch(os, "environ", {"HSU_REGISTRY_URL": "unix:///run/hsu/registry.sock"})
+        self.assertEqual(BlockingRegistryClient().address.path, "/run/hsu/registry.sock")
+        self.patch(os, "environ", {})
+        client = BlockingRegistryClient()
+        self.assertEqual((client.address.host, client.address.port), ("127.0.0.1", 17951))
+
+    def test_records_validated(self) -> None:
+        """RemoteAPI and RemoteModuleAPI refuse what the server would refuse."""
+        self.assertRaises(ValueError, RemoteModuleAPI, [], 80, "http")
+        self.assertRaises(ValueError, RemoteModuleAPI, ["s"], 0, "http")
+        self.assertRaises(ValueError, RemoteModuleAPI, ["s"], True, "http")
+        self.assertRaises(ValueError, RemoteModuleAPI, ["s"], 80, "")
+        self.assertRaises(ValueError, RemoteModuleAPI, ["a/b"], 80, "http")
+        self.assertRaises(ValueError, RemoteModuleAPI, ["s"], 80, "http", metadata={"k": 1})
+        self.assertRaises(ValueError, RemoteAPI, "a/b", [])
+        self.assertRaises(ValueError, RemoteAPI, "", [])
+        api = RemoteModuleAPI(["s"], 80, "http", metadata={"a": "b"})
+        self.assertEqual(api.metadata, {"a": "b"})
+        self.assertEqual(hash(api), hash(RemoteModuleAPI(["s"], 80, "http", metadata={"a": "c"})))
+
+
+def _error_of(function: Any, *args: Any) -> RegistryError | None:
+    try:
+        function(*args)
+    except RegistryError as e:
+        return e
+    return None
+
+
+async def _gather(ds: list[Deferred[Any]]) -> list[Any]:
+    return [await d for d in ds]
+
+
+def _open_channels(site: Any) -> list[Any]:
+    # The site does not keep its channels; find them through the reactor's readers.
+    return [
+        reader.protocol
+        for reader in reactor.getReaders()  # type: ignore[attr-defined]
+        if getattr(getattr(reader, "protocol", None), "site", None) is site
+    ]
