@@ -1,11 +1,13 @@
 """
-A simple loop measuring discover round trips against a real daemon, over TCP
-and over the unix socket, one persistent connection, one request at a time.
+Simple loops measuring discover round trips against a real daemon, over TCP
+and over the unix socket, one request at a time on a persistent connection:
+raw HTTP (http.client), the blocking client's find_module_apis, and the
+Twisted client's find_module_apis.
 
     python -m bench.latency [--requests 5000]
 
 It starts ``hsu-registry`` as a subprocess, publishes one module, measures,
-and stops the daemon.  It is a first figure, not the full benchmark.
+and stops the daemon.  These are first figures, not the full benchmark.
 """
 
 from __future__ import annotations
@@ -78,6 +80,48 @@ def measure(connection: http.client.HTTPConnection, path: str, count: int) -> li
     return samples
 
 
+def measure_blocking_client(url: str, count: int) -> list[float]:
+    from hsu_registry.client import BlockingRegistryClient
+
+    client = BlockingRegistryClient(url)
+    for _ in range(200):
+        client.find_module_apis("echo")
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.find_module_apis("echo")
+        samples.append(time.perf_counter() - start)
+    client.close()
+    return samples
+
+
+def measure_async_client(url: str, count: int) -> list[float]:
+    """Runs a reactor in a child process (a reactor cannot be restarted)."""
+    code = (
+        "import sys, time, json\n"
+        "from twisted.internet import task\n"
+        "from hsu_registry.client import RegistryClient\n"
+        "async def main(reactor):\n"
+        "    client = RegistryClient(sys.argv[1], reactor)\n"
+        "    for _ in range(200):\n"
+        "        await client.find_module_apis('echo')\n"
+        "    samples = []\n"
+        "    for _ in range(int(sys.argv[2])):\n"
+        "        start = time.perf_counter()\n"
+        "        await client.find_module_apis('echo')\n"
+        "        samples.append(time.perf_counter() - start)\n"
+        "    await client.close()\n"
+        "    print(json.dumps(samples))\n"
+        "task.react(lambda r: __import__('twisted.internet.defer').internet.defer"
+        ".Deferred.fromCoroutine(main(r)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, url, str(count)], capture_output=True, text=True, check=True
+    )
+    samples: list[float] = json.loads(out.stdout)
+    return samples
+
+
 def summary(samples: list[float]) -> str:
     ordered = sorted(samples)
 
@@ -113,6 +157,13 @@ def main() -> None:
         print(
             "discover over unix: ", summary(measure(unix, "/api/v1/discover/echo", args.requests))
         )
+        tcp_url, unix_url = f"tcp://127.0.0.1:{port}", f"unix://{socket_path}"
+        for name, url in (("TCP", tcp_url), ("unix", unix_url)):
+            samples = measure_blocking_client(url, args.requests)
+            print(f"BlockingRegistryClient.find_module_apis over {name}: ", summary(samples))
+        for name, url in (("TCP", tcp_url), ("unix", unix_url)):
+            samples = measure_async_client(url, args.requests)
+            print(f"RegistryClient.find_module_apis over {name}: ", summary(samples))
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
