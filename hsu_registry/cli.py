@@ -10,6 +10,7 @@ listen it exits with code 1 and one line on stderr, not a traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from twisted.logger import (
@@ -26,10 +27,16 @@ from hsu_registry.options import Options
 __all__ = ["main", "run"]
 
 
-def run(argv: list[str], reactor: Any, stderr: TextIO) -> int:
+def run(
+    argv: list[str],
+    reactor: Any,
+    stderr: TextIO,
+    on_started: Callable[[], object] = lambda: None,
+) -> int:
     """
     Parse C{argv}, start the daemon on C{reactor} and run it until it is
-    stopped.
+    stopped.  C{on_started} is called once the daemon listens; the command
+    begins logging only then, so a failed start says one line and no more.
 
     @return: the process exit code: 0 after a clean stop, 1 when the daemon
         could not start, 2 for a usage error.
@@ -61,6 +68,7 @@ def run(argv: list[str], reactor: Any, stderr: TextIO) -> int:
             d.addBoth(lambda _: reactor.stop())
             return
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        on_started()
 
     reactor.callWhenRunning(start)
     reactor.run()
@@ -79,12 +87,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(run(argv, None, sys.stderr))
     from twisted.internet import reactor
 
-    observer = textFileLogObserver(sys.stderr)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observer, [LogLevelFilterPredicate(LogLevel.info)])],
-        redirectStandardIO=False,
-    )
-    raise SystemExit(run(argv, reactor, sys.stderr))
+    def begin_logging() -> None:
+        # Events logged before this (start-up) are buffered and written now.
+        observer = textFileLogObserver(sys.stderr)
+        globalLogBeginner.beginLoggingTo(
+            [FilteringLogObserver(observer, [LogLevelFilterPredicate(LogLevel.info)])],
+            redirectStandardIO=False,
+        )
+
+    raise SystemExit(run(argv, reactor, sys.stderr, begin_logging))
 
 
 if __name__ == "__main__":

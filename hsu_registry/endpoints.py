@@ -188,17 +188,17 @@ def prepare_unix_socket(path: str, socket_mode: int) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise CannotListenError(None, path, "the path exists and is not a socket")
+        raise CannotListenError("unix", path, "the path exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
     except OSError as e:
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise CannotListenError(None, path, e) from e
+            raise CannotListenError("unix", path, e) from e
     else:
         raise CannotListenError(
-            None, path, "another server (a live registry?) is answering on this socket"
+            "unix", path, "another server (a live registry?) is answering on this socket"
         )
     finally:
         probe.close()

@@ -51,7 +51,8 @@ class ModuleNotFound(RegistryError):
     status = 404
 
     def __init__(self, module_id: str) -> None:
-        super().__init__("module not found", {"moduleID": module_id})
+        # Exactly the seed's body: no context (the ID is in the URL anyway).
+        super().__init__("module not found")
         self.module_id = module_id
 
 

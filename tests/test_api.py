@@ -83,8 +83,10 @@ class SeedContractTests(APITestCase):
 
     def test_discover_unknown_is_404(self) -> None:
         """GET discover of an unknown module answers 404 with the seed's message."""
-        self.assertError(self.request("GET", "/discover/nope"), 404)
-        self.assertEqual(self.request("GET", "/discover/nope")[1]["error"], "module not found")
+        self.assertEqual(
+            self.request("GET", "/discover/nope")[:2],
+            (404, {"success": False, "error": "module not found"}),
+        )
 
     def test_unpublish(self) -> None:
         """DELETE /api/v1/unpublish/test removes the module and answers success."""

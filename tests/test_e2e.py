@@ -578,11 +578,6 @@ class UnixSocketTests(E2ETestCase):
         self.assertEqual(len(lines), 1, process.describe())
         self.assertTrue(lines[0].startswith("hsu-registry: error:"), process.describe())
 
-    test_liveSocketStderrIsExactlyOneLine.todo = (  # type: ignore[attr-defined]
-        "known bug: the CLI's log records ('Loaded 0 registrations from the store', "
-        "'Main loop terminated.') go to stderr too, around the error line"
-    )
-
 
 class StartupFailureTests(E2ETestCase):
     """The daemon cannot start: a short message and an exit code, never a traceback."""
@@ -622,11 +617,6 @@ class StartupFailureTests(E2ETestCase):
         lines = _text(process.stderr).splitlines()
         self.assertEqual(len(lines), 1, process.describe())
         self.assertTrue(lines[0].startswith("hsu-registry: error:"), process.describe())
-
-    test_tcpPortTakenStderrIsExactlyOneLine.todo = (  # type: ignore[attr-defined]
-        "known bug: the CLI's log records ('Loaded 0 registrations from the store', "
-        "'Main loop terminated.') go to stderr too, around the error line"
-    )
 
     async def test_badStaleAfterIsAUsageError(self) -> None:
         """
