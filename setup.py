@@ -36,6 +36,7 @@ setup(
     entry_points={
         "console_scripts": [
             "hsu-registry = hsu_registry.cli:main",
+            "hsu-registry-ctl = hsu_registry.ctl:main",
         ],
     },
     classifiers=[

@@ -33,10 +33,11 @@ class PluginTests(SynchronousTestCase):
         self.assertIs(maker.options, tap.Options)
 
     def test_plugin_import_is_light(self) -> None:
-        """Importing the plugin module or the package installs no reactor and imports no Klein."""
+        """Importing the plugin, the package or its clients installs no reactor and no Klein."""
         code = (
             "import sys\n"
             "import hsu_registry\n"
+            "import hsu_registry.client\n"
             "from twisted.plugins import hsu_registry_plugin\n"
             "from twisted.plugin import getPlugins, IPlugin\n"
             "list(getPlugins(IPlugin))\n"
