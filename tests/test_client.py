@@ -374,6 +374,21 @@ class ConstructionTests(SynchronousTestCase):
             self.assertRaises(ValueError, BlockingRegistryClient, url)
             self.assertRaises(ValueError, RegistryClient, url, MemoryReactorClock())
 
+    def test_bad_timeouts(self) -> None:
+        """A timeout that is not a sensible number of seconds is refused at construction."""
+        for timeout in (0, -1, float("nan"), float("inf"), 1e300):
+            self.assertRaises(ValueError, BlockingRegistryClient, "tcp://h:1", timeout)
+            self.assertRaises(
+                ValueError, RegistryClient, "tcp://h:1", MemoryReactorClock(), timeout
+            )
+
+    def test_unaddressable_module_ids(self) -> None:
+        """Module IDs no registry could hold raise ValueError before any request."""
+        client = BlockingRegistryClient("tcp://127.0.0.1:1")
+        for module_id in ("a\udcff", "a/b", "", ".."):
+            self.assertRaises(ValueError, client.find_module_apis, module_id)
+            self.assertRaises(ValueError, client.unpublish, module_id)
+
     def test_environment_default(self) -> None:
         """With no URL: $HSU_REGISTRY_URL, else tcp://127.0.0.1:17951."""
         self.patch(os, "environ", {"HSU_REGISTRY_URL": "unix:///run/hsu/registry.sock"})

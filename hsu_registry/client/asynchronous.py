@@ -24,6 +24,7 @@ from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
 from hsu_registry.client.protocol import (
     Call,
     Health,
+    check_timeout,
     discover_call,
     health_call,
     publish_call,
@@ -68,8 +69,7 @@ class RegistryClient:
 
     def __init__(self, url: str | None = None, reactor: Any = None, timeout: float = 5.0) -> None:
         self.address = parse_registry_url(url)
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        timeout = check_timeout(timeout)
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 

@@ -19,6 +19,7 @@ from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
 from hsu_registry.client.protocol import (
     Call,
     Health,
+    check_timeout,
     discover_call,
     health_call,
     publish_call,
@@ -66,9 +67,7 @@ class BlockingRegistryClient:
 
     def __init__(self, url: str | None = None, timeout: float = 5.0) -> None:
         self.address: RegistryAddress = parse_registry_url(url)
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self._local = threading.local()
 
     def __repr__(self) -> str:

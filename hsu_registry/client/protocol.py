@@ -21,6 +21,8 @@ from hsu_registry.client.errors import (
 )
 from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
 from hsu_registry.durations import parse_duration
+from hsu_registry.errors import InvalidRequest
+from hsu_registry.model import validate_id
 
 __all__ = ["Call", "Health", "discover_call", "health_call", "publish_call", "unpublish_call"]
 
@@ -112,7 +114,25 @@ _RESULTS = {"publish": _nothing, "unpublish": _nothing, "discover": _apis, "heal
 
 
 def _segment(module_id: str) -> str:
+    """
+    The module ID as a URL path segment.
+
+    @raise ValueError: for an ID the registry could never have accepted.
+    """
+    try:
+        validate_id(module_id, "module_id")
+    except InvalidRequest as e:
+        raise ValueError(e.message) from None
     return quote(module_id, safe="")
+
+
+def check_timeout(timeout: float) -> float:
+    """
+    @raise ValueError: unless C{timeout} is a number of seconds in (0, 86400].
+    """
+    if not 0 < timeout <= 86400:  # also refuses NaN
+        raise ValueError(f"timeout must be more than 0 and at most 86400 seconds, not {timeout!r}")
+    return float(timeout)
 
 
 def publish_call(remote_api: RemoteAPI, process_id: int) -> Call:
