@@ -386,6 +386,31 @@ class AddressabilityTests(APITestCase):
         self.assertIsNone(self.registry.get(module_id))
 
 
+class RouteMemoTests(APITestCase):
+    """The memo of routing decisions stays bounded, whatever paths clients send."""
+
+    def test_bounded(self) -> None:
+        from hsu_registry.web import api
+
+        resource = self.api.resource()
+        self.treq = StubTreq(resource)
+        for i in range(api._ROUTE_MEMO_SIZE + 10):
+            self.request("GET", f"/discover/m{i}")
+        self.assertLessEqual(len(resource._routes), api._ROUTE_MEMO_SIZE)
+        resource._routes.clear()
+        self.request("GET", "/discover/" + "x" * 600)
+        self.assertEqual(resource._routes, {})
+
+    def test_memo_gives_same_answers(self) -> None:
+        """A memoised route answers exactly as a fresh one."""
+        self.publish(SEED_PUBLISH)
+        first = self.request("GET", "/discover/test")[:2]
+        second = self.request("GET", "/discover/test")[:2]
+        self.assertEqual(first, second)
+        self.assertEqual(self.request("POST", "/discover/test")[0], 405)
+        self.assertEqual(self.request("POST", "/discover/test")[0], 405)
+
+
 class MountingTests(SynchronousTestCase):
     """The API resource can be mounted under a host application's path."""
 

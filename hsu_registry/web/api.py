@@ -7,13 +7,16 @@ as JSON from one place.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from hsu_registry.durations import format_duration
@@ -48,7 +51,7 @@ class RegistryAPI:
 
     def resource(self) -> IResource:
         """The API as a resource that answers every request with JSON."""
-        return _UTF8PathGuard(self.app.resource())
+        return _APIResource(self)
 
     # -- routes ----------------------------------------------------------
 
@@ -85,43 +88,31 @@ class RegistryAPI:
             ),
         )
 
-    # -- errors, most specific first -------------------------------------
+    # -- errors: one place -----------------------------------------------
 
-    @app.handle_errors(RegistryError)
-    def registry_error(self, request: IRequest, failure: Failure) -> bytes:
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        Answer a failure as JSON: a domain error with its own status, werkzeug's
+        routing errors as 404/405, anything else as a logged, generic 500.
+        """
         error = failure.value
-        assert isinstance(error, RegistryError)
-        return error_response(request, error.status, error.message, error.context)
-
-    @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, MethodNotAllowed)
-        allowed = sorted(error.valid_methods or ())
-        request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
-        return error_response(
-            request,
-            405,
-            f"method {request.method.decode('ascii', 'replace')} is not allowed here",
-            {"allowed": allowed},
-        )
-
-    @app.handle_errors(NotFound)
-    def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return error_response(
-            request,
-            404,
-            "no such endpoint",
-            {"path": request.path.decode("utf-8", "replace")},
-        )
-
-    @app.handle_errors(HTTPException)
-    def http_exception(self, request: IRequest, failure: Failure) -> bytes:
-        error: Any = failure.value
-        return error_response(request, error.code or 400, error.name)
-
-    @app.handle_errors(Exception)
-    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        if isinstance(error, RegistryError):
+            return error_response(request, error.status, error.message, error.context)
+        if isinstance(error, MethodNotAllowed):
+            allowed = sorted(error.valid_methods or ())
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            return error_response(
+                request,
+                405,
+                f"method {request.method.decode('ascii', 'replace')} is not allowed here",
+                {"allowed": allowed},
+            )
+        if isinstance(error, NotFound):
+            return error_response(
+                request, 404, "no such endpoint", {"path": request.path.decode("utf-8", "replace")}
+            )
+        if isinstance(error, HTTPException):
+            return error_response(request, error.code or 400, error.name)
         self.log.failure(
             "Unhandled error serving {method} {path}",
             failure,
@@ -130,23 +121,84 @@ class RegistryAPI:
         )
         return error_response(request, 500, "internal error")
 
+    @app.handle_errors(Exception)
+    def _klein_failed(self, request: IRequest, failure: Failure) -> bytes:
+        # For hosts that serve ``app.resource()`` (Klein's own glue) directly.
+        return self.failed(request, failure)
 
-class _UTF8PathGuard(Resource):
+
+# Bounds the memo of routing decisions (one entry per distinct method and
+# path), so that unique or long paths cannot grow it without limit.
+_ROUTE_MEMO_SIZE = 4096
+_ROUTE_MEMO_MAX_PATH = 512
+
+
+class _APIResource(Resource):
     """
-    Answers a JSON 400 to a path that is not UTF-8 once percent-decoded
-    (Klein would answer plain text), and hands everything else to Klein.
+    Serves a L{RegistryAPI}: the Klein app's routing table decides, its
+    endpoints answer, and every failure is answered by L{RegistryAPI.failed}.
+
+    This is Klein's own glue (C{KleinResource}) cut to what the API needs, so
+    the hot path does no per-request work that can be done once: the URL map
+    is bound once, routing decisions are memoised per path, a synchronous
+    answer is returned to twisted.web as bytes (which sets Content-Length),
+    and only asynchronous answers pay for Deferreds.  A path that is not UTF-8
+    once percent-decoded gets a JSON 400 (Klein's glue answers plain text).
     """
 
     isLeaf = True
 
-    def __init__(self, wrapped: IResource) -> None:
+    def __init__(self, api: RegistryAPI) -> None:
         super().__init__()
-        self._wrapped = wrapped
+        self._api = api
+        self._app = api.app
+        self._adapter = api.app.url_map.bind("localhost")
+        self._routes: dict[tuple[bytes, str], tuple[str, Mapping[str, Any]]] = {}
+
+    def _route(self, method: bytes, path: str) -> tuple[str, Mapping[str, Any]]:
+        key = (method, path)
+        known = self._routes.get(key)
+        if known is not None:
+            return known
+        rule, arguments = self._adapter.match(
+            path, method.decode("ascii", "replace"), return_rule=True
+        )
+        route = (str(rule.endpoint), arguments)
+        if len(path) <= _ROUTE_MEMO_MAX_PATH:
+            if len(self._routes) >= _ROUTE_MEMO_SIZE:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
 
     def render(self, request: IRequest) -> Any:
         try:
-            for segment in request.postpath:
-                segment.decode("utf-8")
+            path = "/" + "/".join([segment.decode("utf-8") for segment in request.postpath])
         except UnicodeDecodeError:
             return error_response(request, 400, "the URL path is not UTF-8 once decoded")
-        return self._wrapped.render(request)
+        try:
+            endpoint, arguments = self._route(request.method, path)
+            result = self._app.execute_endpoint(endpoint, request, **arguments)
+        except Exception:
+            return self._api.failed(request, Failure())
+        if isinstance(result, bytes):
+            return result
+        assert isinstance(result, Deferred), f"{endpoint} must answer bytes or a coroutine"
+        return self._render_later(request, result)
+
+    def _render_later(self, request: Any, result: Deferred[Any]) -> object:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def write(body: bytes) -> None:
+            if gone:
+                return  # the client left; the change itself went through
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> bytes:
+            return self._api.failed(request, failure)
+
+        result.addErrback(failed).addCallback(write)
+        result.addErrback(lambda f: self._api.log.failure("Could not write an answer", f))
+        return NOT_DONE_YET

@@ -20,10 +20,10 @@ SUCCESS = b'{"success":true}'
 
 
 def json_response(request: IRequest, body: bytes, status: int = 200) -> bytes:
-    """Set the status and JSON content type, and return C{body} for Klein to write."""
-    request.setResponseCode(status)
+    """Set the status and JSON content type, and return C{body} to be written."""
+    if status != 200:
+        request.setResponseCode(status)
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
-    request.setHeader(b"content-length", b"%d" % len(body))
     return body
 
 
