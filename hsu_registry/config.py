@@ -33,3 +33,6 @@ class RegistryConfig:
     store: str = "memory"
     access_log: bool = False
     limits: Limits = field(default=DEFAULT_LIMITS)
+    # Freeze long-lived objects once started (see hsu_registry.gctune): the
+    # daemon's commands turn it on; embedders decide for their own process.
+    freeze_gc: bool = False

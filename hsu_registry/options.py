@@ -141,4 +141,5 @@ class Options(usage.Options):
             max_modules=_positive_int("max-modules", self["max-modules"]),
             store=store,
             access_log=bool(self["access-log"]),
+            freeze_gc=True,
         )

@@ -35,8 +35,9 @@ from hsu_registry.errors import (
     RegistryFull,
     StoreUnavailable,
 )
+from hsu_registry.gctune import Table
 from hsu_registry.interfaces import IRegistry, IStore
-from hsu_registry.model import PublishRequest, Registration
+from hsu_registry.model import PlainRegistration, PublishRequest, Registration
 
 __all__ = ["Change", "ChangeKind", "HealthStatus", "Registry"]
 
@@ -110,7 +111,10 @@ class Registry:
         self.index = 0
         self.epoch = epoch if epoch is not None else uuid.uuid4().hex
         self.started_at = clock.seconds()
-        self._modules: dict[str, Registration] = {}
+        # Registrations as plain tuples (see Registration.plain): untracked by
+        # the cyclic GC.  Index 1 is the process ID, 2 the APIs, 3 the
+        # registration time, 4 the encoded discover answer.
+        self._modules: Table[str, PlainRegistration] = Table()
         self._last_seen: dict[str, float] = {}
         self._total_apis = 0
         # Expiry heap of (last seen when pushed, token, module ID): one live
@@ -131,25 +135,26 @@ class Registry:
         return len(self._modules)
 
     def __iter__(self) -> Iterator[Registration]:
-        return iter(list(self._modules.values()))
+        return map(Registration.from_plain, list(self._modules.values()))
 
     def get(self, module_id: str) -> Registration | None:
-        return self._modules.get(module_id)
+        plain = self._modules.get(module_id)
+        return None if plain is None else Registration.from_plain(plain)
 
     def last_seen(self, module_id: str) -> float | None:
         """The last heartbeat time of C{module_id}, or L{None} when unknown."""
         return self._last_seen.get(module_id)
 
     def discover(self, module_id: str) -> Registration:
-        registration = self._modules.get(module_id)
-        if registration is None:
+        plain = self._modules.get(module_id)
+        if plain is None:
             raise ModuleNotFound(module_id)
         now = self._clock.seconds()
         if now - self._last_seen[module_id] > self.stale_after:
             raise ModuleNotFound(module_id)
         self._last_seen[module_id] = now
         self._touched.add(module_id)
-        return registration
+        return Registration.from_plain(plain)
 
     def health(self) -> HealthStatus:
         return HealthStatus(
@@ -264,7 +269,7 @@ class Registry:
             module_id=request.module_id,
             process_id=request.process_id,
             apis=request.apis,
-            registered_at=existing.registered_at if existing is not None else now,
+            registered_at=existing[3] if existing is not None else now,
         )
 
         def release(outcome: object) -> object:
@@ -284,8 +289,8 @@ class Registry:
             self._insert(registration, now)
             kind = ChangeKind.PUBLISHED
         else:
-            self._modules[module_id] = registration
-            self._total_apis += registration.api_count - previous.api_count
+            self._modules[module_id] = registration.plain()
+            self._total_apis += registration.api_count - len(previous[2])
             self._last_seen[module_id] = now
             kind = ChangeKind.UPDATED
         self._touched.discard(module_id)
@@ -302,7 +307,7 @@ class Registry:
 
     def _insert(self, registration: Registration, last_seen: float) -> None:
         module_id = registration.module_id
-        self._modules[module_id] = registration
+        self._modules[module_id] = registration.plain()
         self._last_seen[module_id] = last_seen
         self._total_apis += registration.api_count
         self._push_expiry(module_id, last_seen)
@@ -313,12 +318,12 @@ class Registry:
         heapq.heappush(self._expiry, (seen, token, module_id))
 
     def _remove(self, module_id: str) -> Registration:
-        registration = self._modules.pop(module_id)
+        plain = self._modules.pop(module_id)
         del self._last_seen[module_id]
         del self._expiry_token[module_id]
         self._touched.discard(module_id)
-        self._total_apis -= registration.api_count
-        return registration
+        self._total_apis -= len(plain[2])
+        return Registration.from_plain(plain)
 
     def unpublish(self, module_id: str, process_id: int | None = None) -> Deferred[Change | None]:
         return self._serialised(module_id, lambda: self._unpublish(module_id, process_id))
@@ -327,13 +332,13 @@ class Registry:
         existing = self._modules.get(module_id)
         if existing is None:
             return succeed(None)
-        if process_id is not None and process_id != existing.process_id:
+        if process_id is not None and process_id != existing[1]:
             self.log.warn(
                 "Refused to unpublish {module_id}: process {process_id} does not own it"
                 " (owner {owner})",
                 module_id=module_id,
                 process_id=process_id,
-                owner=existing.process_id,
+                owner=existing[1],
             )
             return fail(
                 NotOwner(
@@ -341,7 +346,7 @@ class Registry:
                     {
                         "moduleID": module_id,
                         "processID": process_id,
-                        "registeredProcessID": existing.process_id,
+                        "registeredProcessID": existing[1],
                     },
                 )
             )
@@ -364,7 +369,7 @@ class Registry:
     def expire(self) -> Deferred[list[Change]]:
         now = self._clock.seconds()
         cutoff = now - self.expire_after
-        victims: list[Registration] = []
+        victims: list[PlainRegistration] = []
         busy: list[str] = []
         heap = self._expiry
         while heap and heap[0][0] < cutoff:
@@ -385,12 +390,12 @@ class Registry:
 
         def apply(_: object) -> list[Change]:
             changes = []
-            for registration in victims:
-                module_id = registration.module_id
-                if self._modules.get(module_id) is not registration:
+            for plain in victims:
+                module_id = plain[0]
+                if self._modules.get(module_id) is not plain:
                     continue  # replaced while the store was removing it
                 seen = self._last_seen[module_id]
-                self._remove(module_id)
+                registration = self._remove(module_id)
                 change = self._record(ChangeKind.EXPIRED, registration)
                 changes.append(change)
                 self.log.info(
@@ -403,7 +408,7 @@ class Registry:
                 )
             return changes
 
-        d = self._store.remove([r.module_id for r in victims])
+        d = self._store.remove([plain[0] for plain in victims])
         d.addErrback(self._persist_failed, "expire", "stale modules")
         return d.addCallback(apply)
 
@@ -412,5 +417,5 @@ class Registry:
         if not self._touched:
             return succeed(None)
         batch = {m: self._last_seen[m] for m in self._touched}
-        self._touched = set()
+        self._touched.clear()  # the same set: it may be frozen (see gctune)
         return self._store.touch(batch)

@@ -19,6 +19,7 @@ from twisted.web.resource import IResource
 
 from hsu_registry.config import RegistryConfig
 from hsu_registry.endpoints import ListenerService
+from hsu_registry.gctune import freeze_long_lived
 from hsu_registry.interfaces import IStore
 from hsu_registry.registry import Registry
 from hsu_registry.stores.memory import MemoryStore
@@ -146,6 +147,11 @@ class RegistryService(MultiService):
             listener.setName(f"listener-{number}")
             listener.setServiceParent(self)
             self.listeners.append(listener)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.config.freeze_gc:
+            freeze_long_lived()
 
     def resource(self) -> IResource:
         """The API as a resource, for mounting under a host application's Site."""

@@ -22,7 +22,7 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """With no options: TCP on 127.0.0.1:17951, in memory, the seed's timings."""
         config = parse()
-        self.assertEqual(config, RegistryConfig())
+        self.assertEqual(config, RegistryConfig(freeze_gc=True))
         self.assertEqual(config.endpoints, ("tcp:17951:interface=127.0.0.1",))
         self.assertEqual(
             (config.stale_after, config.expire_after, config.cleanup_interval),

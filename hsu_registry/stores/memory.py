@@ -14,8 +14,9 @@ from collections.abc import Iterable, Mapping
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
+from hsu_registry.gctune import Table
 from hsu_registry.interfaces import IStore
-from hsu_registry.model import Registration
+from hsu_registry.model import PlainRegistration, Registration
 from hsu_registry.stores import StoredRegistration
 
 __all__ = ["MemoryStore"]
@@ -26,13 +27,19 @@ class MemoryStore:
     """An L{IStore} in a dict; every operation succeeds at once."""
 
     def __init__(self) -> None:
-        self._records: dict[str, StoredRegistration] = {}
+        # Plain tuples (see Registration.plain): untracked by the cyclic GC.
+        self._records: Table[str, tuple[PlainRegistration, float]] = Table()
 
     def load(self) -> Deferred[list[StoredRegistration]]:
-        return succeed(list(self._records.values()))
+        return succeed(
+            [
+                StoredRegistration(Registration.from_plain(plain), seen)
+                for plain, seen in self._records.values()
+            ]
+        )
 
     def save(self, registration: Registration, last_seen: float) -> Deferred[None]:
-        self._records[registration.module_id] = StoredRegistration(registration, last_seen)
+        self._records[registration.module_id] = (registration.plain(), last_seen)
         return succeed(None)
 
     def remove(self, module_ids: Iterable[str]) -> Deferred[None]:
@@ -44,7 +51,7 @@ class MemoryStore:
         for module_id, seen in last_seen.items():
             record = self._records.get(module_id)
             if record is not None:
-                self._records[module_id] = StoredRegistration(record.registration, seen)
+                self._records[module_id] = (record[0], seen)
         return succeed(None)
 
     def close(self) -> Deferred[None]:

@@ -1,0 +1,76 @@
+"""
+Tests for L{hsu_registry.gctune} and the records' shape that the garbage
+collector relies on.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from hsu_registry import gctune
+from hsu_registry.config import RegistryConfig
+from hsu_registry.registry import Registry
+from hsu_registry.service import makeService
+from hsu_registry.stores.memory import MemoryStore
+
+from .helpers import publish_request
+
+
+class TableTests(SynchronousTestCase):
+    def test_stays_tracked(self) -> None:
+        """A Table of untracked values stays tracked through a collection (a dict would not)."""
+        table: gctune.Table[str, float] = gctune.Table(a=1.0)
+        plain = {"a": 1.0}
+        gc.collect()
+        self.assertTrue(gc.is_tracked(table))
+        self.assertFalse(gc.is_tracked(plain))
+
+
+class RegistryShapeTests(SynchronousTestCase):
+    def test_registrations_untracked(self) -> None:
+        """What the registry and the memory store hold for a module is untracked by the GC."""
+        registry = Registry(MemoryStore(), Clock())
+        self.successResultOf(registry.publish(publish_request("echo", apis=3)))
+        for _ in range(4):  # a pass may untrack one level of nesting
+            gc.collect()
+        self.assertFalse(gc.is_tracked(registry._modules["echo"]))
+        self.assertFalse(gc.is_tracked(registry._store._records["echo"]))
+        self.assertFalse(gc.is_tracked(registry._last_seen))
+        self.assertFalse(gc.is_tracked(registry._expiry[0]))
+
+    def test_store_and_registry_share_one_copy(self) -> None:
+        """The memory store and the registry hold the same plain record, not two."""
+        registry = Registry(MemoryStore(), Clock())
+        self.successResultOf(registry.publish(publish_request("echo", apis=2)))
+        self.assertIs(registry._modules["echo"], registry._store._records["echo"][0])
+
+    def test_plain_round_trip(self) -> None:
+        """A registration survives the trip to plain tuples and back unchanged."""
+        registry = Registry(MemoryStore(), Clock())
+        self.successResultOf(registry.publish(publish_request("echo", apis=2)))
+        registration = registry.get("echo")
+        assert registration is not None
+        self.assertEqual(type(registration).from_plain(registration.plain()), registration)
+        self.assertIs(type(registration.plain()), tuple)
+
+
+class FreezeTests(SynchronousTestCase):
+    def test_daemon_freezes_once_started(self) -> None:
+        """With freeze_gc, starting the service freezes what exists; without, nothing."""
+        calls: list[str] = []
+        self.patch(gctune.gc, "freeze", lambda: calls.append("freeze"))
+        self.patch(gctune.gc, "collect", lambda *a: calls.append("collect"))
+        reactor = MemoryReactorClock()
+        service = makeService(RegistryConfig(endpoints=(), freeze_gc=True), reactor)
+        service.startService()
+        self.assertEqual(calls, ["collect", "freeze"])
+        self.successResultOf(service.stopService())
+        calls.clear()
+        service = makeService(RegistryConfig(endpoints=()), reactor)
+        service.startService()
+        self.assertEqual(calls, [])
+        self.successResultOf(service.stopService())
