@@ -88,6 +88,7 @@ class Registry:
     @param expire_after: seconds without a heartbeat after which L{expire}
         removes a module; not less than C{stale_after}.
     @param max_modules: the most registrations held at once.
+    @param expire_batch: how many expired modules one reactor turn removes.
     """
 
     log = Logger()
@@ -100,6 +101,7 @@ class Registry:
         expire_after: float = 600.0,
         max_modules: int = 100_000,
         epoch: str | None = None,
+        expire_batch: int = 100,
     ) -> None:
         if expire_after < stale_after:
             raise ValueError("expire_after must not be less than stale_after")
@@ -108,6 +110,7 @@ class Registry:
         self.stale_after = stale_after
         self.expire_after = expire_after
         self.max_modules = max_modules
+        self.expire_batch = expire_batch
         self.index = 0
         self.epoch = epoch if epoch is not None else uuid.uuid4().hex
         self.started_at = clock.seconds()
@@ -295,7 +298,12 @@ class Registry:
             kind = ChangeKind.UPDATED
         self._touched.discard(module_id)
         change = self._record(kind, registration)
-        self.log.info(
+        if previous is not None and previous[1:3] == (registration.process_id, registration.apis):
+            # The same content again: a module's periodic re-publish.
+            emit = self.log.debug
+        else:
+            emit = self.log.info
+        emit(
             "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index})",
             kind=kind.value.capitalize(),
             module_id=module_id,
@@ -367,12 +375,37 @@ class Registry:
         return d.addCallback(apply)
 
     def expire(self) -> Deferred[list[Change]]:
-        now = self._clock.seconds()
-        cutoff = now - self.expire_after
+        """
+        Remove the registrations not seen for C{expire_after}, C{expire_batch}
+        at a time: between batches the reactor serves requests, so expiring
+        tens of thousands of modules at once never stalls it.
+        """
+        changes: list[Change] = []
+        done: Deferred[list[Change]] = Deferred()
+
+        def batch() -> None:
+            now = self._clock.seconds()
+            victims = self._pop_expired(now - self.expire_after, self.expire_batch)
+            if not victims:
+                done.callback(changes)
+                return
+            d = self._store.remove([plain[0] for plain in victims])
+            d.addErrback(self._persist_failed, "expire", "stale modules")
+            d.addCallback(lambda _: changes.extend(self._apply_expiry(victims, now)))
+            if len(victims) < self.expire_batch:
+                d.addCallbacks(lambda _: done.callback(changes), done.errback)
+            else:
+                d.addCallbacks(lambda _: self._clock.callLater(0, batch), done.errback)
+
+        batch()
+        return done
+
+    def _pop_expired(self, cutoff: float, limit: int) -> list[PlainRegistration]:
+        """Take up to C{limit} registrations last seen before C{cutoff} off the heap."""
         victims: list[PlainRegistration] = []
         busy: list[str] = []
         heap = self._expiry
-        while heap and heap[0][0] < cutoff:
+        while heap and heap[0][0] < cutoff and len(victims) < limit:
             _, token, module_id = heapq.heappop(heap)
             if self._expiry_token.get(module_id) != token:
                 continue  # the module was removed (and maybe published anew)
@@ -385,32 +418,28 @@ class Registry:
                 victims.append(self._modules[module_id])
         for module_id in busy:
             self._push_expiry(module_id, self._last_seen[module_id])
-        if not victims:
-            return succeed([])
+        return victims
 
-        def apply(_: object) -> list[Change]:
-            changes = []
-            for plain in victims:
-                module_id = plain[0]
-                if self._modules.get(module_id) is not plain:
-                    continue  # replaced while the store was removing it
-                seen = self._last_seen[module_id]
-                registration = self._remove(module_id)
-                change = self._record(ChangeKind.EXPIRED, registration)
-                changes.append(change)
-                self.log.info(
-                    "Expired module {module_id} (process {process_id}, not seen for "
-                    "{idle:.0f}s, index {index})",
-                    module_id=module_id,
-                    process_id=registration.process_id,
-                    idle=now - seen,
-                    index=change.index,
-                )
-            return changes
-
-        d = self._store.remove([plain[0] for plain in victims])
-        d.addErrback(self._persist_failed, "expire", "stale modules")
-        return d.addCallback(apply)
+    def _apply_expiry(self, victims: list[PlainRegistration], now: float) -> list[Change]:
+        changes = []
+        for plain in victims:
+            module_id = plain[0]
+            if self._modules.get(module_id) is not plain:
+                continue  # replaced while the store was removing it
+            changes.append(self._record(ChangeKind.EXPIRED, self._remove(module_id)))
+        if changes:
+            # One event per batch: formatting a log line per module would cost
+            # more than expiring it.
+            self.log.info(
+                "Expired {count} modules not seen for {expire_after}s: {module_ids} "
+                "(indexes {first}-{last})",
+                count=len(changes),
+                expire_after=self.expire_after,
+                module_ids=", ".join(c.module_id for c in changes),
+                first=changes[0].index,
+                last=changes[-1].index,
+            )
+        return changes
 
     def flush_heartbeats(self) -> Deferred[None]:
         """Hand the heartbeats recorded since the last flush to the store in one batch."""

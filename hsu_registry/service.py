@@ -94,21 +94,12 @@ class CleanupService(Service):
 
     def run_once(self) -> Deferred[None]:
         """One cleanup pass; never fails."""
-        d = maybeDeferred(self.registry.expire)
-
-        def report(changes: list) -> None:
-            if changes:
-                self.log.info(
-                    "Cleanup removed {count} stale modules: {modules}",
-                    count=len(changes),
-                    modules=", ".join(c.module_id for c in changes[:20])
-                    + (" ..." if len(changes) > 20 else ""),
-                )
+        d = maybeDeferred(self.registry.expire)  # the registry logs what it removes
 
         def failed(failure: Failure) -> None:
             self.log.failure("Cleanup pass failed; the next one runs as usual", failure)
 
-        flushed = d.addCallback(report).addCallback(lambda _: self.registry.flush_heartbeats())
+        flushed = d.addCallback(lambda _: self.registry.flush_heartbeats())
         return flushed.addErrback(failed)
 
 

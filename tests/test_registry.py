@@ -139,6 +139,28 @@ class RegistryTests(SynchronousTestCase):
         self.assertIsNotNone(self.registry.get("young"))
         self.assertEqual(self.registry.health().registered_modules, 1)
 
+    def test_expire_in_batches(self) -> None:
+        """Many expired modules are removed a batch per reactor turn, in order of age."""
+        registry = Registry(
+            MemoryStore(), self.clock, stale_after=300, expire_after=600, expire_batch=100
+        )
+        changes: list[Change] = []
+        registry.subscribe(changes.append)
+        for i in range(250):
+            self.successResultOf(registry.publish(publish_request(f"m{i}")))
+            self.clock.advance(0.001)
+        self.clock.advance(601)
+        d = registry.expire()
+        self.assertNoResult(d)
+        self.assertEqual(len(registry), 150)  # the first batch went at once
+        self.clock.advance(0)
+        self.assertEqual(len(registry), 50)
+        self.clock.advance(0)
+        expired = self.successResultOf(d)
+        self.assertEqual(len(expired), 250)
+        self.assertEqual(len(registry), 0)
+        self.assertEqual([c.module_id for c in expired[:3]], ["m0", "m1", "m2"])
+
     def test_expire_after_republish_uses_new_time(self) -> None:
         """A module unpublished and published anew is judged by its new time."""
         self.publish("echo")
