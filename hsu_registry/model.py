@@ -13,12 +13,11 @@ API, so nothing that publish accepts can become unreachable.
 from __future__ import annotations
 
 import json
-import sys
 import unicodedata
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
 from hsu_registry.errors import InvalidRequest
 
@@ -58,17 +57,13 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-class ModuleAPI(NamedTuple):
+@frozen
+class ModuleAPI:
     """
     One API endpoint of a module: the services it serves, where and how.
 
     ``address`` of L{None} means "the registry's host"; ``metadata`` is a tuple
     of (key, value) pairs in the order published.
-
-    This record and L{Registration} are held by the hundred thousand, so they
-    are named tuples of atomic values rather than attrs classes: the cyclic
-    garbage collector stops tracking such tuples, which keeps its full passes
-    short however many modules are registered (see the benchmark).
     """
 
     service_ids: tuple[str, ...]
@@ -90,6 +85,17 @@ class ModuleAPI(NamedTuple):
             out["metadata"] = dict(self.metadata)
         return out
 
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ModuleAPI:
+        """Read back an entry that L{to_json} wrote (no validation: it was validated then)."""
+        return cls(
+            service_ids=tuple(raw["serviceIDs"]),
+            server_port=raw["serverPort"],
+            protocol=raw["protocol"],
+            address=raw.get("address"),
+            metadata=tuple(raw.get("metadata", {}).items()),
+        )
+
 
 @frozen
 class PublishRequest:
@@ -110,83 +116,61 @@ def encode_discover(module_id: str, apis: tuple[ModuleAPI, ...]) -> bytes:
     return encode_json({"moduleID": module_id, "apis": [api.to_json() for api in apis]})
 
 
-class _RegistrationFields(NamedTuple):
+# A registration as the registry and the memory store hold it: (module ID,
+# process ID, registration time, discover answer, number of APIs).  Only
+# atomic values, so the cyclic garbage collector stops tracking each one at
+# its first collection, and full collections stay short however many modules
+# are registered; the APIs live in the encoded discover answer.
+PlainRegistration = tuple[str, int, float, bytes, int]
+
+
+@frozen
+class Registration:
+    """
+    A module's registration.
+
+    Its APIs are kept once, encoded as the discover answer (which discovery
+    serves as it is); L{apis} decodes them.  The registry keeps the mutable
+    last-seen time beside the record, so a heartbeat allocates nothing.
+    """
+
     module_id: str
     process_id: int
-    apis: tuple[ModuleAPI, ...]
     registered_at: float
-    discover_body: bytes
+    discover_body: bytes = field(repr=False)
+    api_count: int
 
-
-class Registration(_RegistrationFields):
-    """
-    A module's registration as the registry holds it: an immutable record,
-    untracked by the cyclic garbage collector like L{ModuleAPI}.
-
-    The mutable last-seen time is kept by the registry beside this record, so a
-    heartbeat does not allocate a new one.  ``discover_body`` is the encoded
-    discover answer, computed once here so discovery only looks it up.
-    """
-
-    __slots__ = ()
-
-    def __new__(
+    @classmethod
+    def create(
         cls,
         module_id: str,
         process_id: int,
         apis: tuple[ModuleAPI, ...],
         registered_at: float,
     ) -> Registration:
-        return super().__new__(
-            cls, module_id, process_id, apis, registered_at, encode_discover(module_id, apis)
+        """A registration of C{apis}, encoding its discover answer."""
+        return cls(
+            module_id, process_id, registered_at, encode_discover(module_id, apis), len(apis)
         )
 
-    def _replace(self, **changes: Any) -> Registration:
-        fields = self._asdict()
-        fields.update(changes)
-        del fields["discover_body"]
-        return Registration(**fields)
-
     @property
-    def api_count(self) -> int:
-        return len(self.apis)
+    def apis(self) -> tuple[ModuleAPI, ...]:
+        """The APIs, decoded from the discover answer at each access."""
+        return tuple(ModuleAPI.from_json(raw) for raw in json.loads(self.discover_body)["apis"])
 
     def plain(self) -> PlainRegistration:
-        """
-        This record as exact tuples of atomic values, the form the registry and
-        the memory store hold: the cyclic garbage collector stops tracking
-        exact tuples (not named ones), which keeps its full passes short
-        however many modules are registered.
-
-        The last conversion is remembered, so the store and the registry,
-        which convert the same record one after the other, share one copy.
-        """
-        if _last_plain[0] is self:
-            return _last_plain[1]  # type: ignore[return-value]
-        apis = tuple([(a[0], a[1], a[2], a[3], a[4]) for a in self.apis])
-        plain = (self.module_id, self.process_id, apis, self.registered_at, self.discover_body)
-        _last_plain[0], _last_plain[1] = self, plain
-        return plain
+        """This record in the form the registry holds (see L{PlainRegistration})."""
+        return (
+            self.module_id,
+            self.process_id,
+            self.registered_at,
+            self.discover_body,
+            self.api_count,
+        )
 
     @classmethod
     def from_plain(cls, plain: PlainRegistration) -> Registration:
-        """The record back from L{plain}, without encoding its body again."""
-        module_id, process_id, apis, registered_at, body = plain
-        fields = (
-            module_id,
-            process_id,
-            tuple([ModuleAPI._make(a) for a in apis]),
-            registered_at,
-            body,
-        )
-        return tuple.__new__(cls, fields)
-
-
-# The last record converted by Registration.plain, and its plain form.
-_last_plain: list[object] = [None, None]
-
-PlainAPI = tuple[tuple[str, ...], int, str, "str | None", tuple[tuple[str, str], ...]]
-PlainRegistration = tuple[str, int, tuple[PlainAPI, ...], float, bytes]
+        return cls(*plain)
 
 
 # -- parsing -----------------------------------------------------------------
@@ -308,15 +292,12 @@ def parse_api(raw: Any, where: str, limits: Limits = DEFAULT_LIMITS) -> ModuleAP
             for key, value in raw_meta.items()
         )
 
-    # Protocols, service IDs, addresses and metadata repeat across modules:
-    # interned, each distinct string is held once however many modules use it.
-    intern = sys.intern
     return ModuleAPI(
-        service_ids=tuple(intern(sid) for sid in sids),
+        service_ids=sids,
         server_port=port,
-        protocol=intern(protocol),
-        address=intern(address) if address is not None else None,
-        metadata=tuple((intern(key), intern(value)) for key, value in metadata),
+        protocol=protocol,
+        address=address,
+        metadata=metadata,
     )
 
 

@@ -114,9 +114,8 @@ class Registry:
         self.index = 0
         self.epoch = epoch if epoch is not None else uuid.uuid4().hex
         self.started_at = clock.seconds()
-        # Registrations as plain tuples (see Registration.plain): untracked by
-        # the cyclic GC.  Index 1 is the process ID, 2 the APIs, 3 the
-        # registration time, 4 the encoded discover answer.
+        # Registrations as plain tuples of atomic values (see model.
+        # PlainRegistration): untracked by the cyclic GC.
         self._modules: Table[str, PlainRegistration] = Table()
         self._last_seen: dict[str, float] = {}
         self._total_apis = 0
@@ -268,11 +267,11 @@ class Registry:
                     )
                 )
             self._reserved += 1
-        registration = Registration(
+        registration = Registration.create(
             module_id=request.module_id,
             process_id=request.process_id,
             apis=request.apis,
-            registered_at=existing[3] if existing is not None else now,
+            registered_at=existing[2] if existing is not None else now,
         )
 
         def release(outcome: object) -> object:
@@ -293,12 +292,16 @@ class Registry:
             kind = ChangeKind.PUBLISHED
         else:
             self._modules[module_id] = registration.plain()
-            self._total_apis += registration.api_count - len(previous[2])
+            self._total_apis += registration.api_count - previous[4]
             self._last_seen[module_id] = now
             kind = ChangeKind.UPDATED
         self._touched.discard(module_id)
         change = self._record(kind, registration)
-        if previous is not None and previous[1:3] == (registration.process_id, registration.apis):
+        if previous is not None and previous[1:4] == (
+            registration.process_id,
+            registration.registered_at,
+            registration.discover_body,
+        ):
             # The same content again: a module's periodic re-publish.
             emit = self.log.debug
         else:
@@ -330,7 +333,7 @@ class Registry:
         del self._last_seen[module_id]
         del self._expiry_token[module_id]
         self._touched.discard(module_id)
-        self._total_apis -= len(plain[2])
+        self._total_apis -= plain[4]
         return Registration.from_plain(plain)
 
     def unpublish(self, module_id: str, process_id: int | None = None) -> Deferred[Change | None]:

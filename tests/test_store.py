@@ -19,7 +19,7 @@ from .helpers import api
 
 
 def registration(module_id: str, process_id: int = 1, at: float = 100.0) -> Registration:
-    return Registration(
+    return Registration.create(
         module_id=module_id,
         process_id=process_id,
         apis=(api("s1"), api("s2", port=8080, protocol="http")),
