@@ -7,7 +7,7 @@ as JSON from one place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from klein import Klein
@@ -56,10 +56,10 @@ class RegistryAPI:
     # -- routes ----------------------------------------------------------
 
     @app.route("/api/v1/publish", methods=["POST"])
-    async def publish(self, request: IRequest) -> bytes:
+    def publish(self, request: IRequest) -> bytes | Deferred[bytes]:
         body = request.content.read() if request.content is not None else b""
-        await self.registry.publish(parse_publish_body(body, self.limits))
-        return json_response(request, SUCCESS)
+        done = self.registry.publish(parse_publish_body(body, self.limits))
+        return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
     def discover(self, request: IRequest, moduleID: str) -> bytes:
@@ -67,11 +67,11 @@ class RegistryAPI:
         return json_response(request, registration.discover_body)
 
     @app.route("/api/v1/unpublish/<moduleID>", methods=["DELETE"])
-    async def unpublish(self, request: IRequest, moduleID: str) -> bytes:
+    def unpublish(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
         args = request.args or {}
         process_id = parse_process_id(args.get(b"processID"), self.limits)
-        await self.registry.unpublish(moduleID, process_id)
-        return json_response(request, SUCCESS)
+        done = self.registry.unpublish(moduleID, process_id)
+        return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
@@ -125,6 +125,29 @@ class RegistryAPI:
     def _klein_failed(self, request: IRequest, failure: Failure) -> bytes:
         # For hosts that serve ``app.resource()`` (Klein's own glue) directly.
         return self.failed(request, failure)
+
+
+def _now_or_later(done: Deferred[Any], answer: Callable[[Any], bytes]) -> bytes | Deferred[bytes]:
+    """
+    The answer to a write: at once when the store has already acknowledged it
+    (the memory store always has), so the hot path pays for no Deferred
+    plumbing, else a Deferred of it.  A failure that is already there is
+    raised, for L{RegistryAPI.failed} to answer.
+    """
+    outcome: list[Any] = []
+
+    def keep(result: Any) -> Any:
+        outcome.append(result)
+        return result
+
+    done.addBoth(keep)
+    if not outcome:
+        return done.addCallback(answer)
+    result = outcome[0]
+    if isinstance(result, Failure):
+        done.addErrback(lambda _: None)  # handled: raised below
+        result.raiseException()
+    return answer(result)
 
 
 # Bounds the memo of routing decisions (one entry per distinct method and
