@@ -1,0 +1,143 @@
+"""The results as a text table and as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from bench.memory import LEVELS
+
+__all__ = ["render", "write_json"]
+
+STARTUP_TARGET = 1.2
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / 1024:.1f}"
+
+
+def _throughput(results: dict[str, Any]) -> list[str]:
+    meta = results["meta"]
+    lines = [
+        f"Throughput and latency: median of {meta['runs']} runs of {meta['duration']:g} s, "
+        f"each after a {meta['warmup']:g} s warm-up; persistent connections.",
+        "ratio = req/s / the reference's discover req/s with the same generator, transport "
+        "and concurrency.",
+        f"{'operation':<12} {'transport':<9} {'conc':>4} {'gen':<6} {'req/s':>8} "
+        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'ref req/s':>9} {'ratio':>6}",
+    ]
+    reference = results["reference"]
+    for transport, by_conc in reference.items():
+        for conc, cell in by_conc.items():
+            lines.append(
+                f"{'reference':<12} {transport:<9} {conc:>4} {cell['generator']:<6} "
+                f"{cell['rps']:8.0f} {cell['p50_ms']:8.3f} {cell['p90_ms']:8.3f} "
+                f"{cell['p99_ms']:8.3f} {'':>9} {1.0:6.2f}"
+            )
+    for operation, by_transport in results["throughput"].items():
+        for transport, by_conc in by_transport.items():
+            for conc, cell in by_conc.items():
+                flag = ""
+                if cell["non_2xx"] or cell["error_count"]:
+                    flag = f"  !{cell['non_2xx']} non-2xx, {cell['error_count']} errors"
+                lines.append(
+                    f"{operation:<12} {transport:<9} {conc:>4} {cell['generator']:<6} "
+                    f"{cell['rps']:8.0f} {cell['p50_ms']:8.3f} {cell['p90_ms']:8.3f} "
+                    f"{cell['p99_ms']:8.3f} {cell['reference_rps']:9.0f} {cell['ratio']:6.2f}"
+                    f"{flag}"
+                )
+    lines.append(
+        "publish = the same module republished (steady state); publish_new = a new module "
+        "per request (the registry grows; a second daemon)."
+    )
+    return lines
+
+
+def _memory(results: dict[str, Any]) -> list[str]:
+    memory = results["memory"]
+    levels = [str(level) for level in LEVELS]
+    lines = [
+        "Memory: VmRSS in MiB of a fresh daemon, idle and after N published modules of 2 APIs "
+        "each (published by the python generator over the transport).",
+        f"{'transport':<9} {'idle':>7} "
+        + " ".join(f"{int(level):>8}" for level in levels)
+        + f" {'per 1000':>9}  basis",
+    ]
+    for transport, cell in memory.items():
+        after = cell["after_kib"]
+        lines.append(
+            f"{transport:<9} {_mib(cell['idle_kib']):>7} "
+            + " ".join(f"{_mib(after[level]) if level in after else '-':>8}" for level in levels)
+            + f" {_mib(cell['per_1000_kib']):>9}  {cell['per_1000_basis']}"
+        )
+    return lines
+
+
+def _startup(results: dict[str, Any]) -> list[str]:
+    startup = results["startup"]
+    meta = results["meta"]
+    lines = [
+        f"Start-up: exec to the first 200 from /api/v1/health, median of {meta['starts']} "
+        f"(ms); ratio to the bare Klein twistd web (target <= {STARTUP_TARGET}).",
+        f"{'command':<28} {'tcp ms':>7} {'ratio':>6}     {'unix ms':>7} {'ratio':>6}",
+    ]
+    for command, by_transport in startup.items():
+        parts = []
+        for transport in ("tcp", "unix"):
+            cell = by_transport[transport]
+            verdict = "ok" if cell["ratio_to_bare_klein"] <= STARTUP_TARGET else "OVER"
+            parts.append(
+                f"{cell['median_ms']:7.0f} {cell['ratio_to_bare_klein']:6.2f} {verdict:<4}"
+            )
+        lines.append((f"{command:<28} " + " ".join(parts)).rstrip())
+    return lines
+
+
+def _cleanup(results: dict[str, Any]) -> list[str]:
+    c = results["cleanup"]
+    return [
+        "Cleanup: one CleanupService.run_once() in-process on a real reactor, 1 ms LoopingCall "
+        "heartbeat; its log written to a file as the daemon's would be.",
+        f"{'registrations':>13} {'expired':>8} {'pass ms':>9} {'max lag ms':>10} "
+        f"{'baseline gap ms':>15} {'empty pass ms':>13}",
+        f"{c['registrations']:>13} {c['expired']:>8} {c['pass_ms']:9.1f} {c['lag_ms']:10.1f} "
+        f"{c['baseline_max_gap_ms']:15.1f} {c['empty_pass_ms']:13.2f}",
+    ]
+
+
+def render(results: dict[str, Any]) -> str:
+    """The whole table as text."""
+    meta = results["meta"]
+    lines = [
+        f"hsu-registry benchmark  {meta['started']}  ({meta['elapsed_s']:.0f} s"
+        f"{', quick' if meta['quick'] else ''})",
+        f"hsu_registry {meta['hsu_registry_version']} (sources {meta['hsu_registry_digest']}) "
+        f"from {meta['hsu_registry']}",
+        f"Python {meta['python']}; Twisted {meta['twisted']}; {meta['cpus']} CPUs; "
+        f"load generators: TCP {meta['tcp_generator']}, unix python",
+        "",
+    ]
+    for name, section in (
+        ("throughput", _throughput),
+        ("memory", _memory),
+        ("startup", _startup),
+        ("cleanup", _cleanup),
+    ):
+        if name in results:
+            lines.extend(section(results))
+            lines.append("")
+    for note in meta.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_json(results: dict[str, Any], path: str) -> None:
+    """Write C{results} to C{path} (creating its directory), atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(partial, path)

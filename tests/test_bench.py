@@ -1,0 +1,131 @@
+"""
+Tests for the benchmark harness (C{bench/}): C{python -m bench --quick
+--no-wrk} runs once against the installed daemon and must produce a complete
+table and JSON.  Nothing here is timed: how fast the daemon is is the
+benchmark's business, not the test suite's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HSU_REGISTRY = os.path.join(os.path.dirname(sys.executable), "hsu-registry")
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+BENCH_TIMEOUT = 150.0
+
+OPERATIONS = ("discover", "publish", "publish_new", "health")
+TRANSPORTS = ("tcp", "unix")
+CONCURRENCY = ("1", "64")
+LATENCY = ("rps", "p50_ms", "p90_ms", "p99_ms")
+STARTUP_COMMANDS = ("hsu-registry", "twistd -n hsu-registry", "twistd -n web (bare Klein)")
+
+
+class _Collect(ProcessProtocol):
+    """Collects a child's output; C{ended} fires with (stdout, stderr, exit code)."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.ended: Deferred[tuple[bytes, bytes, int | None]] = Deferred(self._kill)
+
+    def _kill(self, _: Deferred[Any]) -> None:
+        try:
+            assert self.transport is not None
+            self.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        code = 0 if reason.check(ProcessDone) else getattr(reason.value, "exitCode", None)
+        if not self.ended.called:
+            self.ended.callback((b"".join(self.out), b"".join(self.err), code))
+
+
+class QuickBenchmarkTests(TestCase):
+    """``python -m bench --quick --no-wrk`` works end to end."""
+
+    timeout = BENCH_TIMEOUT + 30
+
+    def assertNumber(self, value: Any, where: str) -> None:
+        """C{value} is a finite int or float (not a bool)."""
+        self.assertTrue(
+            isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r}"
+        )
+        self.assertTrue(math.isfinite(value), f"{where}: {value!r}")
+
+    async def test_quick_run(self) -> None:
+        """
+        The quick run exits 0, prints a table with every section, and writes
+        JSON with numeric figures for discover, publish and health over TCP and
+        the unix socket at concurrency 1 and 64 (each with its reference
+        ratio), memory, start-up and cleanup.
+        """
+        if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
+            raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
+        path = os.path.abspath(self.mktemp()) + ".json"
+        argv = [sys.executable, "-m", "bench", "--quick", "--no-wrk", "--json", path]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        protocol = _Collect()
+        reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=REPO)
+        ended = protocol.ended
+        ended.addTimeout(BENCH_TIMEOUT, reactor)
+        out, err, code = await ended
+        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+        table = out.decode("utf-8")
+        for heading in ("Throughput", "Memory", "Start-up", "Cleanup"):
+            self.assertIn(heading, table)
+
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        self.assertEqual(results["table"], table)
+        self.assertEqual(results["meta"]["tcp_generator"], "python")
+
+        for transport in TRANSPORTS:
+            for concurrency in CONCURRENCY:
+                reference = results["reference"][transport][concurrency]
+                for figure in LATENCY:
+                    self.assertNumber(reference[figure], f"reference {transport} {concurrency}")
+                self.assertGreater(reference["rps"], 0)
+                for operation in OPERATIONS:
+                    where = f"{operation} {transport} c={concurrency}"
+                    cell = results["throughput"][operation][transport][concurrency]
+                    self.assertEqual(cell["generator"], "python", where)
+                    for figure in (*LATENCY, "reference_rps", "ratio"):
+                        self.assertNumber(cell[figure], f"{where} {figure}")
+                    self.assertGreater(cell["requests"], 0, where)
+                    self.assertEqual((cell["non_2xx"], cell["error_count"]), (0, 0), where)
+
+        for transport in TRANSPORTS:
+            memory = results["memory"][transport]
+            self.assertNumber(memory["idle_kib"], f"memory {transport}")
+            self.assertNumber(memory["after_kib"]["1000"], f"memory {transport}")
+            self.assertNumber(memory["per_1000_kib"], f"memory {transport}")
+
+        for command in STARTUP_COMMANDS:
+            for transport in TRANSPORTS:
+                startup = results["startup"][command][transport]
+                self.assertNumber(startup["median_ms"], f"startup {command} {transport}")
+                self.assertNumber(startup["ratio_to_bare_klein"], f"startup {command}")
+
+        cleanup = results["cleanup"]
+        self.assertEqual(cleanup["expired"], cleanup["registrations"] // 2)
+        for figure in ("pass_ms", "lag_ms", "max_gap_ms", "baseline_max_gap_ms"):
+            self.assertNumber(cleanup[figure], f"cleanup {figure}")
