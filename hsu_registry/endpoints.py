@@ -145,9 +145,17 @@ def unix_endpoint(path: str) -> str:
     return f"unix:{_escape(path)}:mode=600"
 
 
-def _with_default_mode(description: str, parsed: EndpointDescription) -> str:
+# Twisted listens with a backlog of 50; when a host's modules start together
+# they connect at once, and the 51st would be refused (EAGAIN on a unix socket).
+DEFAULT_BACKLOG = 1024
+
+
+def _with_defaults(description: str, parsed: EndpointDescription) -> str:
+    """Mode 0600 for unix sockets, and a backlog fit for many modules starting at once."""
     if parsed.kind == "unix" and parsed.get("mode") is None:
-        return description + ":mode=600"
+        description += ":mode=600"
+    if parsed.kind in ("unix", "tcp", "tcp6") and parsed.get("backlog") is None:
+        description += f":backlog={DEFAULT_BACKLOG}"
     return description
 
 
@@ -225,7 +233,7 @@ class ListenerService(StreamServerEndpointService):
 
     def __init__(self, reactor: Any, description: str, factory: Factory) -> None:
         self.parsed = parse_description(description)
-        self.description = _with_default_mode(description, self.parsed)
+        self.description = _with_defaults(description, self.parsed)
         super().__init__(serverFromString(reactor, self.description), factory)
         self._raiseSynchronously = True
         self.port: IListeningPort | None = None

@@ -70,8 +70,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(children[2].factory, service.site)
         self.assertEqual(children[1].interval, 60.0)
         self.assertEqual(service.getServiceNamed("cleanup"), children[1])
-        # A unix endpoint without a mode gets 0600.
-        self.assertEqual(children[3].description, "unix:/tmp/hsu-x.sock:mode=600")
+        # A unix endpoint without a mode gets 0600; both get a deep backlog.
+        self.assertEqual(children[3].description, "unix:/tmp/hsu-x.sock:mode=600:backlog=1024")
+        self.assertEqual(children[2].description, "tcp:0:interface=127.0.0.1:backlog=1024")
 
     def test_listens_on_given_reactor(self) -> None:
         """Starting the service listens through the injected reactor."""
@@ -81,8 +82,8 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(options.config, reactor)
         service.startService()
         self.assertEqual(len(reactor.tcpServers), 1)
-        port, factory, _, interface = reactor.tcpServers[0]
-        self.assertEqual((port, interface), (17999, "127.0.0.1"))
+        port, factory, backlog, interface = reactor.tcpServers[0]
+        self.assertEqual((port, backlog, interface), (17999, 1024, "127.0.0.1"))
         self.assertIs(factory, service.site)
         self.successResultOf(service.stopService())
 
