@@ -91,3 +91,31 @@ class MemoryStoreTests(StoreContractMixin, SynchronousTestCase):
 class ControllableStoreTests(StoreContractMixin, SynchronousTestCase):
     def make_store(self) -> IStore:
         return ControllableStore()
+
+
+class SQLiteStoreTests(StoreContractMixin, SynchronousTestCase):
+    """The contract on a real SQLite file, with writes run in line (deterministic)."""
+
+    def make_store(self) -> IStore:
+        from twisted.internet.defer import maybeDeferred
+
+        from hsu_registry.stores.sqlite import SQLiteStore
+
+        store = SQLiteStore(self.mktemp() + ".db", executor=maybeDeferred)
+        self.addCleanup(store.close)
+        return store
+
+    def test_survives_reopening(self) -> None:
+        """What was saved is there for a new store on the same file."""
+        from twisted.internet.defer import maybeDeferred
+
+        from hsu_registry.stores.sqlite import SQLiteStore
+
+        reg = registration("a")
+        self.successResultOf(self.store.save(reg, 150.0))
+        self.successResultOf(self.store.touch({"a": 160.0}))
+        self.successResultOf(self.store.close())
+        again = SQLiteStore(self.store.path, executor=maybeDeferred)  # type: ignore[attr-defined]
+        self.addCleanup(again.close)
+        records = self.successResultOf(again.load())
+        self.assertEqual([(r.registration, r.last_seen) for r in records], [(reg, 160.0)])
