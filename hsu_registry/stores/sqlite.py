@@ -193,10 +193,7 @@ class SQLiteStore:
             "FROM registrations"
         ).fetchall()
         return succeed(
-            [
-                StoredRegistration(Registration.from_plain(tuple(row[:5])), row[5])  # type: ignore[arg-type]
-                for row in rows
-            ]
+            [StoredRegistration(Registration.from_plain(tuple(row[:5])), row[5]) for row in rows]
         )
 
     # -- writes, grouped -----------------------------------------------------
@@ -298,7 +295,8 @@ class SQLiteStore:
             waiter: Deferred[None] = Deferred()
             self._idle.append(waiter)
             return waiter.addCallback(lambda _: self._close())
-        return succeed(self._close())
+        self._close()
+        return succeed(None)
 
     def _close(self) -> None:
         if self._connection is not None:
