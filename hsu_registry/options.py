@@ -58,7 +58,18 @@ class Options(usage.Options):
             "Largest request body accepted, in bytes (larger: 413).",
         ],
         ["max-modules", None, "100000", "Most modules registered at once (more: 507)."],
-        ["store", None, "memory", "Where registrations are kept: memory."],
+        [
+            "store",
+            None,
+            "memory",
+            "Where registrations are kept: memory, or sqlite:PATH to survive restarts.",
+        ],
+        [
+            "flush-interval",
+            None,
+            "5s",
+            "How often heartbeats (last-seen times) are written to a durable store.",
+        ],
         [
             "transport",
             None,
@@ -128,8 +139,16 @@ class Options(usage.Options):
         expire_after = self._duration("expire-after")
         if expire_after < stale_after:
             raise usage.UsageError("--expire-after must not be shorter than --stale-after")
+        store = self["store"]
         try:
-            store = parse_store_spec(self["store"])
+            kind, path = parse_store_spec(store)
+            if kind == "sqlite":
+                from hsu_registry.stores.sqlite import StoreError, check_database
+
+                try:
+                    check_database(path or "")
+                except StoreError as e:
+                    raise ValueError(str(e)) from None
         except ValueError as e:
             raise usage.UsageError(f"--store: {e}") from None
         self.config = RegistryConfig(
@@ -137,6 +156,7 @@ class Options(usage.Options):
             stale_after=stale_after,
             expire_after=expire_after,
             cleanup_interval=self._duration("cleanup-interval"),
+            flush_interval=self._duration("flush-interval"),
             max_body_size=_positive_int("max-body-size", self["max-body-size"]),
             max_modules=_positive_int("max-modules", self["max-modules"]),
             store=store,

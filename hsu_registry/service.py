@@ -22,22 +22,37 @@ from hsu_registry.endpoints import ListenerService
 from hsu_registry.gctune import freeze_long_lived
 from hsu_registry.interfaces import IStore
 from hsu_registry.registry import Registry
+from hsu_registry.stores import parse_store_spec
 from hsu_registry.stores.memory import MemoryStore
 from hsu_registry.web.api import RegistryAPI
 from hsu_registry.web.site import RegistrySite
 
-__all__ = ["CleanupService", "RegistryService", "StoreService", "build_store", "makeService"]
+__all__ = [
+    "CleanupService",
+    "HeartbeatFlushService",
+    "RegistryService",
+    "StoreService",
+    "build_store",
+    "makeService",
+]
 
 
-def build_store(spec: str) -> IStore:
-    """The store named by a ``--store`` value."""
-    if spec == "memory":
-        return MemoryStore()
-    raise ValueError(f"unknown store {spec!r} (supported: memory)")
+def build_store(spec: str, reactor: Any = None) -> IStore:
+    """The store named by a ``--store`` value (SQLite is imported only when used)."""
+    kind, path = parse_store_spec(spec)
+    if kind == "sqlite":
+        from hsu_registry.stores.sqlite import SQLiteStore
+
+        assert path is not None
+        return SQLiteStore(path, reactor)
+    return MemoryStore()
 
 
 class StoreService(Service):
-    """Loads the registry from its store on start and closes the store on stop."""
+    """
+    Loads the registry from its store on start (before the listeners start,
+    so no request sees a registry half loaded) and closes the store on stop.
+    """
 
     name = "store"
     log = Logger()
@@ -103,6 +118,43 @@ class CleanupService(Service):
         return flushed.addErrback(failed)
 
 
+class HeartbeatFlushService(Service):
+    """
+    Every C{interval} seconds, hands the heartbeats recorded since the last
+    flush to the store in one batch (a durable store writes them in one
+    transaction), so discovery never writes to disk.  A failure is logged and
+    the next flush runs as usual.
+    """
+
+    name = "heartbeat-flush"
+    log = Logger()
+
+    def __init__(self, registry: Registry, interval: float, clock: IReactorTime) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.clock = clock
+        self._call: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._call = LoopingCall(self.flush)
+        self._call.clock = self.clock
+        self._call.start(self.interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._call is not None and self._call.running:
+            self._call.stop()
+        self._call = None
+        return succeed(None)
+
+    def flush(self) -> Deferred[None]:
+        d = maybeDeferred(self.registry.flush_heartbeats)
+        return d.addErrback(
+            lambda f: self.log.failure("Heartbeat flush failed; the next one runs as usual", f)
+        )
+
+
 class RegistryService(MultiService):
     """
     The whole daemon: store, registry, cleanup and one listener per endpoint,
@@ -115,7 +167,7 @@ class RegistryService(MultiService):
     def __init__(self, config: RegistryConfig, reactor: Any) -> None:
         super().__init__()
         self.config = config
-        self.store = build_store(config.store)
+        self.store = build_store(config.store, reactor)
         self.registry = Registry(
             self.store,
             clock=reactor,
@@ -132,6 +184,7 @@ class RegistryService(MultiService):
         )
         StoreService(self.registry, self.store).setServiceParent(self)
         CleanupService(self.registry, config.cleanup_interval, reactor).setServiceParent(self)
+        HeartbeatFlushService(self.registry, config.flush_interval, reactor).setServiceParent(self)
         self.listeners: list[ListenerService] = []
         for number, description in enumerate(config.endpoints):
             listener = ListenerService(reactor, description, self.site)  # type: ignore[arg-type]

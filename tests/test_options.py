@@ -93,9 +93,26 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(UsageError, parse, "--max-modules=lots")
 
     def test_store(self) -> None:
-        """Only the memory store exists for now; others are usage errors."""
+        """memory and sqlite:PATH are stores; anything else is a usage error."""
         self.assertEqual(parse("--store=memory").store, "memory")
-        self.assertIn("--store", str(self.assertRaises(UsageError, parse, "--store=redis:x")))
+        path = self.mktemp() + ".db"
+        self.assertEqual(parse(f"--store=sqlite:{path}").store, f"sqlite:{path}")
+        for bad in ("redis:x", "sqlite:", "sqlite"):
+            self.assertIn("--store", str(self.assertRaises(UsageError, parse, f"--store={bad}")))
+
+    def test_unusable_database(self) -> None:
+        """A file that is not a usable database is one usage error naming it."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a database, just text\n" * 50)
+        error = str(self.assertRaises(UsageError, parse, f"--store=sqlite:{path}"))
+        self.assertIn(path, error)
+        self.assertNotIn("\n", error)
+
+    def test_flush_interval(self) -> None:
+        """Heartbeats are flushed every 5 seconds unless told otherwise."""
+        self.assertEqual(parse().flush_interval, 5.0)
+        self.assertEqual(parse("--flush-interval=2s").flush_interval, 2.0)
 
     def test_access_log(self) -> None:
         """--access-log turns on request logging."""

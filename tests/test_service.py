@@ -24,8 +24,9 @@ from twisted.web.client import Agent
 
 from hsu_registry.config import RegistryConfig
 from hsu_registry.registry import Registry
-from hsu_registry.service import CleanupService, makeService
+from hsu_registry.service import CleanupService, HeartbeatFlushService, makeService
 from hsu_registry.stores.memory import MemoryStore
+from hsu_registry.testing import ControllableStore
 
 from .helpers import SEED_PUBLISH, publish_request
 
@@ -87,6 +88,46 @@ class CleanupServiceTests(SynchronousTestCase):
         self.service.startService()
         self.successResultOf(self.service.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HeartbeatFlushServiceTests(SynchronousTestCase):
+    def test_flushes_on_interval(self) -> None:
+        """Heartbeats reach the store in one batch per interval, not one write each."""
+        clock = Clock()
+        store = ControllableStore()
+        registry = Registry(store, clock)
+        self.successResultOf(registry.publish(publish_request("echo")))
+        service = HeartbeatFlushService(registry, 5, clock)
+        service.startService()
+        touched: list[dict[str, float]] = []
+        store.touch = lambda batch: touched.append(dict(batch)) or succeed(None)  # type: ignore[method-assign,func-returns-value,assignment]
+        for _ in range(3):
+            clock.advance(1)
+            registry.discover("echo")
+        self.assertEqual(touched, [])
+        clock.advance(2)
+        self.assertEqual(touched, [{"echo": 3.0}])
+        clock.advance(5)
+        self.assertEqual(len(touched), 1)  # nothing new: no write
+        self.successResultOf(service.stopService())
+
+    def test_survives_a_failing_flush(self) -> None:
+        """A failing flush is logged and the next one still runs."""
+        clock = Clock()
+        registry = Registry(ControllableStore(), clock)
+        calls: list[int] = []
+
+        def flush() -> Deferred[None]:
+            calls.append(1)
+            return fail(OSError("disk gone"))
+
+        registry.flush_heartbeats = flush  # type: ignore[method-assign]
+        service = HeartbeatFlushService(registry, 5, clock)
+        service.startService()
+        clock.pump([5, 5, 5])
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 3)
+        self.successResultOf(service.stopService())
 
 
 class ListeningTests(TestCase):

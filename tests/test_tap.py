@@ -19,7 +19,13 @@ from zope.interface.verify import verifyObject
 
 from hsu_registry import tap
 from hsu_registry.config import RegistryConfig
-from hsu_registry.service import CleanupService, RegistryService, StoreService, makeService
+from hsu_registry.service import (
+    CleanupService,
+    HeartbeatFlushService,
+    RegistryService,
+    StoreService,
+    makeService,
+)
 
 
 class PluginTests(SynchronousTestCase):
@@ -65,6 +71,9 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertIsInstance(children[0], StoreService)
         self.assertIsInstance(children[1], CleanupService)
+        self.assertIsInstance(children[2], HeartbeatFlushService)
+        self.assertEqual(children[2].interval, 5.0)
+        children = [children[0], children[1], *children[3:]]
         self.assertEqual([c.name for c in children[2:]], ["listener-0", "listener-1"])
         self.assertIs(children[2].factory, children[3].factory)
         self.assertIs(children[2].factory, service.site)

@@ -1,7 +1,7 @@
 """
 Stores: where the registry persists what it decides.  Each implements
-L{hsu_registry.interfaces.IStore}; L{store_from_spec} picks one from the
-``--store`` option.
+L{hsu_registry.interfaces.IStore}: L{hsu_registry.stores.memory} (the
+default; nothing survives a restart) and L{hsu_registry.stores.sqlite}.
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ class StoredRegistration:
     last_seen: float
 
 
-def parse_store_spec(spec: str) -> str:
+def parse_store_spec(spec: str) -> tuple[str, str | None]:
     """
-    Validate a ``--store`` value and return its canonical form.
-
-    Only ``memory`` exists today; the durable stores come with their issues.
+    Split a ``--store`` value into its kind and argument: ``memory`` or
+    ``sqlite:PATH``.
 
     @raise ValueError: for anything else.
     """
     if spec == "memory":
-        return spec
-    raise ValueError(f"unknown store {spec!r} (supported: memory)")
+        return ("memory", None)
+    kind, _, argument = spec.partition(":")
+    if kind == "sqlite":
+        if not argument:
+            raise ValueError("sqlite needs a path: --store=sqlite:/var/lib/hsu/registry.db")
+        return ("sqlite", argument)
+    raise ValueError(f"unknown store {spec!r} (supported: memory, sqlite:PATH)")
