@@ -210,3 +210,33 @@ class ThreadTests(TestCase):
         await store.close()
         self.assertEqual(len(_rows(path)), 199)
         self.assertLess(store.transactions, 200)  # grouped
+
+
+class RestartTests(SynchronousTestCase):
+    def test_expiry_across_a_restart(self) -> None:
+        """
+        Loaded registrations keep their persisted last-seen times, so the
+        cleanup expires those whose owners vanished while the daemon was down,
+        and keeps those refreshed just before the stop.
+        """
+        path = self.mktemp() + ".db"
+        clock = Clock()
+        store = SQLiteStore(path, executor=maybeDeferred)
+        registry = Registry(store, clock, stale_after=300, expire_after=600)
+        self.successResultOf(registry.load())
+        self.successResultOf(registry.publish(publish_request("gone")))
+        self.successResultOf(registry.publish(publish_request("alive")))
+        clock.advance(500)
+        registry.discover("alive")
+        self.successResultOf(registry.flush_heartbeats())
+        self.successResultOf(store.close())
+
+        clock.advance(200)  # the daemon was down for 200 s
+        store = SQLiteStore(path, executor=maybeDeferred)
+        self.addCleanup(store.close)
+        registry = Registry(store, clock, stale_after=300, expire_after=600)
+        self.assertEqual(self.successResultOf(registry.load()), 2)
+        expired = self.successResultOf(registry.expire())
+        self.assertEqual([c.module_id for c in expired], ["gone"])
+        self.assertIsNotNone(registry.get("alive"))
+        self.assertEqual([row[0] for row in _rows(path)], ["alive"])
