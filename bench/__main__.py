@@ -5,7 +5,8 @@ The benchmark: ``python -m bench [--quick] [--runs N] [--duration S]
 It starts the installed daemon (and a bare twisted.web reference) as
 subprocesses, loads them, stops them, prints a table and writes JSON (by
 default ``bench/results/latest.json``): throughput and latency, memory,
-start-up and cleanup lag (see each module of this package).  Progress goes
+start-up, cleanup lag and garbage-collector pauses (see each module of this
+package).  Progress goes
 to stderr, the table to stdout.  ``--quick`` (about 30 s) keeps the harness
 working: tiny runs with the Python generator only; its figures mean nothing.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 from bench import wrk
 from bench.daemon import BENCH_DIR, Server, Workspace, start_daemon, start_reference
+from bench.gcpause import measure_gc
 from bench.memory import LEVELS, measure_memory
 from bench.probe import request
 from bench.report import render, write_json
@@ -34,7 +36,7 @@ from bench.workload import DISCOVER_MODULE, PUBLISH_PATH, discover_path, publish
 
 __all__ = ["main"]
 
-SECTIONS = ("throughput", "memory", "startup", "cleanup")
+SECTIONS = ("throughput", "memory", "startup", "cleanup", "gc")
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 
 
@@ -51,7 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny runs, Python generator only, 1 000 modules, 10 000 registrations, 2 starts",
+        help="tiny runs, Python generator only, 1 000 modules, 10 000 registrations, 2 starts, "
+        "2 000 modules for the gc section",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     parser.add_argument(
@@ -146,6 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     starts = 2 if quick else 10
     levels = (1_000,) if quick else LEVELS
     registrations = 10_000 if quick else 100_000
+    gc_modules = 2_000 if quick else 100_000
+    gc_discover_s = 1.0 if quick else 5.0
     began = time.monotonic()
     results: dict[str, Any] = {"meta": _meta(args, settings, starts, wrk_path)}
     notes: list[str] = results["meta"]["notes"]
@@ -205,6 +210,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 timeout=300,
             )
             results["cleanup"] = json.loads(out)
+        if "gc" in args.sections:
+            _progress(f"gc: pauses of the collector at {gc_modules} registrations")
+            results["gc"] = measure_gc(
+                workspace, gc_modules, gc_discover_s, settings.use_wrk, _progress
+            )
     results["meta"]["elapsed_s"] = time.monotonic() - began
     results["meta"]["loadavg_after"] = list(os.getloadavg())
     return results

@@ -106,6 +106,65 @@ def _cleanup(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _gc(results: dict[str, Any]) -> list[str]:
+    g = results["gc"]
+    target = g["target_ms"]
+    lines = [
+        "Garbage collector: every collection (gc.callbacks, wall-clock ms) in a daemon built as "
+        "hsu-registry builds it, from its start to SIGTERM,",
+        f"while {g['modules']} new modules of {g['apis_per_module']} APIs are published "
+        f"({g['publish_connections']} connections), republished, then discovered for "
+        f"{g['discover_s']:g} s at concurrency {g['discover_connections']} "
+        f"({g['discover_generator']}); target: no pause over {target:g} ms.",
+        f"{'daemon':<10} {'registered':>10} {'frozen objs':>11} "
+        + " ".join(f"{'gen' + str(n) + ' n':>7} {'max ms':>7}" for n in range(3))
+        + f" {'max ms':>7} {'cpu ms':>7} {'>' + format(target, 'g') + ' ms':>6}",
+    ]
+    for key, label in (("frozen", "frozen"), ("not_frozen", "not frozen")):
+        if key not in g:
+            continue
+        cell = g[key]
+        verdict = "ok" if cell["serving_max_ms"] <= target else "OVER"
+        lines.append(
+            f"{label:<10} {cell['registrations']:>10} {cell['frozen_objects']:>11} "
+            + " ".join(
+                f"{cell['collections'][str(n)]:>7} {cell['max_ms'][str(n)]:7.2f}" for n in range(3)
+            )
+            + f" {cell['serving_max_ms']:7.2f} {cell['serving_max_cpu_ms']:7.2f}"
+            f" {cell['over_target']:>6}  {verdict}"
+        )
+    phases = ("start-up", "publish", "republish", "discover", "other")
+    lines.append(
+        f"{'by phase':<10} "
+        + " ".join(f"{phase:>17}" for phase in phases)
+        + "  (max ms, collections, full ones)"
+    )
+    for key, label in (("frozen", "frozen"), ("not_frozen", "not frozen")):
+        if key not in g:
+            continue
+        by_phase = g[key]["by_phase"]
+        lines.append(
+            f"{label:<10} "
+            + " ".join(
+                format(
+                    f"{by_phase[p]['max_ms']:.2f} {by_phase[p]['collections']} "
+                    f"{by_phase[p]['full_collections']}",
+                    ">17",
+                )
+                for p in phases
+            )
+        )
+    lines.append(
+        "frozen = as the daemon runs (gc.freeze() once started); not frozen = freeze_gc off, for "
+        "comparison; cpu ms = the longest in thread CPU time;"
+    )
+    lines.append(
+        "start-up = imports and building the service, before it listens (not in the counts "
+        "above, nor in the verdict); other = while serving, between the phases."
+    )
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole table as text."""
     meta = results["meta"]
@@ -123,6 +182,7 @@ def render(results: dict[str, Any]) -> str:
         ("memory", _memory),
         ("startup", _startup),
         ("cleanup", _cleanup),
+        ("gc", _gc),
     ):
         if name in results:
             lines.extend(section(results))
