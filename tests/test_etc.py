@@ -25,10 +25,17 @@ class EtcTests(SynchronousTestCase):
         (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
         argv = shlex.split(exec_start[len("ExecStart=") :])
         self.assertIn("--nodaemon", argv)
+        self.assertIn("StateDirectory=hsu", unit)
         plugin_args = [a for a in argv[argv.index("hsu-registry") + 1 :] if not a.startswith("$")]
+        self.assertIn("--store=sqlite:/var/lib/hsu/registry.db", plugin_args)
+        # /var/lib/hsu is the unit's state directory: stand a temporary one in.
+        state = self.mktemp()
+        os.makedirs(state)
+        plugin_args = [a.replace("/var/lib/hsu", state) for a in plugin_args]
         options = Options()
         options.parseOptions(plugin_args)
         self.assertEqual(options.config.endpoints, ("unix:/run/hsu/registry.sock:mode=660",))
+        self.assertEqual(options.config.store, f"sqlite:{state}/registry.db")
 
     def test_default_options_parse(self) -> None:
         """The example options in etc/default parse."""
