@@ -154,6 +154,15 @@ def _gc(results: dict[str, Any]) -> list[str]:
                 for p in phases
             )
         )
+    for key, label in (("frozen", "frozen"), ("not_frozen", "not frozen")):
+        longest = g.get(key, {}).get("longest")
+        if longest:
+            lines.append(
+                f"longest while serving, {label}: gen{longest['generation']} "
+                f"{longest['wall_ms']:.2f} ms ({longest['cpu_ms']:.2f} ms CPU) in "
+                f"{longest['phase']}, {longest['after_start_s']:.1f} s after the start, "
+                f"{longest['collected']} objects collected"
+            )
     lines.append(
         "frozen = as the daemon runs (gc.freeze() once started); not frozen = freeze_gc off, for "
         "comparison; cpu ms = the longest in thread CPU time;"

@@ -30,6 +30,9 @@ TRANSPORTS = ("tcp", "unix")
 CONCURRENCY = ("1", "64")
 LATENCY = ("rps", "p50_ms", "p90_ms", "p99_ms")
 STARTUP_COMMANDS = ("hsu-registry", "twistd -n hsu-registry", "twistd -n web (bare Klein)")
+GC_MODES = {"frozen": True, "not_frozen": False}
+GC_PHASES = ("start-up", "publish", "republish", "discover", "other")
+GC_QUICK_MODULES = 2000
 
 
 class _Collect(ProcessProtocol):
@@ -76,7 +79,9 @@ class QuickBenchmarkTests(TestCase):
         The quick run exits 0, prints a table with every section, and writes
         JSON with numeric figures for discover, publish and health over TCP and
         the unix socket at concurrency 1 and 64 (each with its reference
-        ratio), memory, start-up and cleanup.
+        ratio), memory, start-up, cleanup and garbage-collector pauses (a
+        frozen and a not frozen daemon, each holding the 2 000 modules it was
+        given).
         """
         if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
             raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
@@ -90,7 +95,7 @@ class QuickBenchmarkTests(TestCase):
         out, err, code = await ended
         self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
         table = out.decode("utf-8")
-        for heading in ("Throughput", "Memory", "Start-up", "Cleanup"):
+        for heading in ("Throughput", "Memory", "Start-up", "Cleanup", "Garbage collector"):
             self.assertIn(heading, table)
 
         with open(path, encoding="utf-8") as f:
@@ -129,3 +134,41 @@ class QuickBenchmarkTests(TestCase):
         self.assertEqual(cleanup["expired"], cleanup["registrations"] // 2)
         for figure in ("pass_ms", "lag_ms", "max_gap_ms", "baseline_max_gap_ms"):
             self.assertNumber(cleanup[figure], f"cleanup {figure}")
+
+        gc = results["gc"]
+        self.assertEqual(gc["modules"], GC_QUICK_MODULES)
+        self.assertNumber(gc["target_ms"], "gc target_ms")
+        for mode, frozen in GC_MODES.items():
+            cell = gc[mode]
+            self.assertIs(cell["freeze_gc"], frozen, mode)
+            self.assertEqual(cell["registrations"], GC_QUICK_MODULES, mode)
+            if frozen:
+                self.assertGreater(cell["frozen_objects"], 0, mode)
+            else:
+                self.assertEqual(cell["frozen_objects"], 0, mode)
+            for generation in ("0", "1", "2"):
+                where = f"gc {mode} generation {generation}"
+                self.assertIsInstance(cell["collections"][generation], int, where)
+                self.assertGreaterEqual(cell["collections"][generation], 0, where)
+                for figure in ("max_ms", "max_cpu_ms", "total_ms"):
+                    self.assertNumber(cell[figure][generation], f"{where} {figure}")
+                    self.assertGreaterEqual(cell[figure][generation], 0.0, f"{where} {figure}")
+            self.assertGreater(sum(cell["collections"].values()), 0, mode)
+            for figure in ("serving_max_ms", "serving_max_cpu_ms", "overall_max_ms"):
+                self.assertNumber(cell[figure], f"gc {mode} {figure}")
+            self.assertEqual(cell["serving_max_ms"], max(cell["max_ms"].values()), mode)
+            self.assertGreaterEqual(cell["overall_max_ms"], cell["serving_max_ms"], mode)
+            self.assertIsInstance(cell["over_target"], int, mode)
+            for phase in GC_PHASES:
+                by_phase = cell["by_phase"][phase]
+                self.assertIsInstance(by_phase["collections"], int, f"gc {mode} {phase}")
+                self.assertNumber(by_phase["max_ms"], f"gc {mode} {phase}")
+            self.assertGreater(cell["by_phase"]["start-up"]["collections"], 0, mode)
+            self.assertEqual(
+                sum(cell["by_phase"][phase]["collections"] for phase in GC_PHASES[1:]),
+                sum(cell["collections"].values()),
+                mode,
+            )
+            self.assertEqual(cell["load"]["publish"]["requests"], GC_QUICK_MODULES, mode)
+            self.assertEqual(cell["load"]["republish"]["requests"], GC_QUICK_MODULES, mode)
+            self.assertGreater(cell["load"]["discover"]["requests"], 0, mode)
