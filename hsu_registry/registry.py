@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hsu_registry import gctune
 from hsu_registry.errors import (
     ModuleNotFound,
     NotOwner,
@@ -287,25 +288,23 @@ class Registry:
     def _apply_publish(self, registration: Registration, now: float) -> Change:
         module_id = registration.module_id
         previous = self._modules.get(module_id)
+        plain = registration.plain()
+        unchanged = previous is not None and previous[1:] == plain[1:]
         if previous is None:
             self._insert(registration, now)
             kind = ChangeKind.PUBLISHED
         else:
-            self._modules[module_id] = registration.plain()
-            self._total_apis += registration.api_count - previous[4]
+            if not unchanged:
+                # The same content again (a module's periodic re-publish)
+                # keeps the stored tuple: no allocation, nothing for the GC.
+                self._modules[module_id] = plain
+                self._total_apis += registration.api_count - previous[4]
+                gctune.replaced()
             self._last_seen[module_id] = now
             kind = ChangeKind.UPDATED
         self._touched.discard(module_id)
         change = self._record(kind, registration)
-        if previous is not None and previous[1:4] == (
-            registration.process_id,
-            registration.registered_at,
-            registration.discover_body,
-        ):
-            # The same content again: a module's periodic re-publish.
-            emit = self.log.debug
-        else:
-            emit = self.log.info
+        emit = self.log.debug if unchanged else self.log.info
         emit(
             "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index})",
             kind=kind.value.capitalize(),
@@ -415,6 +414,7 @@ class Registry:
             seen = self._last_seen[module_id]
             if seen >= cutoff:
                 self._push_expiry(module_id, seen)  # refreshed since it was queued
+                gctune.replaced()
             elif module_id in self._tails:
                 busy.append(module_id)  # a mutation is in flight: look again next pass
             else:

@@ -47,6 +47,29 @@ class RegistryShapeTests(SynchronousTestCase):
         self.successResultOf(registry.publish(publish_request("echo", apis=2)))
         self.assertIs(registry._modules["echo"][3], registry._store._records["echo"][3])
 
+    def test_identical_republish_keeps_the_tuples(self) -> None:
+        """Re-publishing the same content allocates no new stored tuple."""
+        clock = Clock()
+        registry = Registry(MemoryStore(), clock)
+        self.successResultOf(registry.publish(publish_request("echo", apis=2)))
+        stored, kept = registry._modules["echo"], registry._store._records["echo"]
+        clock.advance(10)
+        self.successResultOf(registry.publish(publish_request("echo", apis=2)))
+        self.assertIs(registry._modules["echo"], stored)
+        self.assertIs(registry._store._records["echo"], kept)
+        self.assertEqual(registry.last_seen("echo"), 10)
+        self.successResultOf(registry.publish(publish_request("echo", apis=3)))
+        self.assertIsNot(registry._modules["echo"], stored)
+
+    def test_replacements_trigger_young_collections(self) -> None:
+        """Every thousandth replacement collects the youngest generation."""
+        collected: list[int] = []
+        self.patch(gctune.gc, "collect", lambda generation=2: collected.append(generation))
+        self.patch(gctune, "_replacements", 0)
+        for _ in range(2500):
+            gctune.replaced()
+        self.assertEqual(collected, [0, 0])
+
     def test_plain_round_trip(self) -> None:
         """A registration survives the trip to plain tuples and back unchanged."""
         registry = Registry(MemoryStore(), Clock())
