@@ -4,16 +4,17 @@ The benchmark harness of hsu-registry (issue 4).
 ``python -m bench`` starts the installed daemon and a bare twisted.web
 reference as subprocesses, loads them with ``wrk`` (where installed) or the
 built-in Python load generator, and prints a table (and writes JSON) of
-throughput and latency, memory, start-up time, cleanup lag and the garbage
-collector's pauses.  Throughput is also given as a ratio to the reference
-measured in the same run: the machine is shared and noisy, so those ratios
-are what to compare across commits.
+throughput and latency, publish on the memory and the SQLite store, memory,
+start-up time, cleanup lag and the garbage collector's pauses.  Throughput is
+also given as a ratio to the reference measured in the same run (and SQLite
+publish as a ratio to the memory store's): the machine is shared and noisy,
+so those ratios are what to compare across commits.
 
 One module per job: ``workload`` (request bodies), ``stats``, ``probe``
 (blocking HTTP for set-up and checks), ``daemon`` (processes), ``loadgen``
 (the Python load generator), ``wrk``, ``reference``, ``bare_klein``,
-``throughput``, ``memory``, ``startup``, ``cleanup``, ``gcpause``, ``report``
-and ``__main__`` (the command line).  ``latency`` is an older, simpler loop.
+``throughput``, ``store``, ``memory``, ``startup``, ``cleanup``, ``gcpause``,
+``report`` and ``__main__`` (the command line).  ``latency`` is an older, simpler loop.
 
 Importing this package imports nothing else (no reactor, no hsu_registry).
 """

@@ -4,9 +4,9 @@ The benchmark: ``python -m bench [--quick] [--runs N] [--duration S]
 
 It starts the installed daemon (and a bare twisted.web reference) as
 subprocesses, loads them, stops them, prints a table and writes JSON (by
-default ``bench/results/latest.json``): throughput and latency, memory,
-start-up, cleanup lag and garbage-collector pauses (see each module of this
-package).  Progress goes
+default ``bench/results/latest.json``): throughput and latency, publish on the
+memory and the SQLite store, memory, start-up, cleanup lag and
+garbage-collector pauses (see each module of this package).  Progress goes
 to stderr, the table to stdout.  ``--quick`` (about 30 s) keeps the harness
 working: tiny runs with the Python generator only; its figures mean nothing.
 """
@@ -14,6 +14,7 @@ working: tiny runs with the Python generator only; its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -31,12 +32,13 @@ from bench.memory import LEVELS, measure_memory
 from bench.probe import request
 from bench.report import render, write_json
 from bench.startup import measure_startup
+from bench.store import measure_store
 from bench.throughput import Settings, measure_throughput
 from bench.workload import DISCOVER_MODULE, PUBLISH_PATH, discover_path, publish_body
 
 __all__ = ["main"]
 
-SECTIONS = ("throughput", "memory", "startup", "cleanup", "gc")
+SECTIONS = ("throughput", "store", "memory", "startup", "cleanup", "gc")
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 
 
@@ -53,8 +55,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny runs, Python generator only, 1 000 modules, 10 000 registrations, 2 starts, "
-        "2 000 modules for the gc section",
+        help="tiny runs, Python generator only, about 1 s of load for the store section, "
+        "1 000 modules, 10 000 registrations, 2 starts, 2 000 modules for the gc section",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     parser.add_argument(
@@ -191,6 +193,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for server in (daemon, growth, reference):
                     if server is not None:
                         server.stop()
+        if "store" in args.sections:
+            store_settings = settings
+            if quick:
+                # 2 stores x 2 operations x 2 concurrencies: about 1 s of load.
+                store_settings = dataclasses.replace(
+                    settings,
+                    duration=args.duration if args.duration is not None else 0.1,
+                    warmup=args.warmup if args.warmup is not None else 0.025,
+                )
+            _progress("store: publish with the memory store and with the SQLite store")
+            results["store"] = measure_store(workspace, store_settings, _progress)
+            if store_settings.use_wrk:
+                results["store"]["generator_version"] = results["meta"]["tcp_generator"]
+            if results["store"]["sync_counter"] is None:
+                notes.append(
+                    "store: fdatasyncs not counted ("
+                    + results["store"]["sync_counter_unavailable"]
+                    + ")"
+                )
         if "memory" in args.sections:
             results["memory"] = {}
             for transport in ("tcp", "unix"):

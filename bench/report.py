@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from bench.memory import LEVELS
+from bench.memory import IDLE_TARGET, LEVELS
 
 __all__ = ["render", "write_json"]
 
@@ -60,16 +60,113 @@ def _memory(results: dict[str, Any]) -> list[str]:
     lines = [
         "Memory: VmRSS in MiB of a fresh daemon, idle and after N published modules of 2 APIs "
         "each (published by the python generator over the transport).",
-        f"{'transport':<9} {'idle':>7} "
+        "Klein = idle VmRSS of a bare Twisted+Klein process (twistd -n web "
+        "--class=bench.bare_klein.resource, the same endpoints); "
+        f"ratio = idle / Klein (target <= {IDLE_TARGET:.2f}).",
+        f"{'transport':<9} {'idle':>7} {'Klein':>7} {'ratio':>6}      "
         + " ".join(f"{int(level):>8}" for level in levels)
         + f" {'per 1000':>9}  basis",
     ]
     for transport, cell in memory.items():
         after = cell["after_kib"]
+        ratio = cell["idle_ratio_to_bare_klein"]
+        verdict = "ok" if ratio <= IDLE_TARGET else "OVER"
         lines.append(
-            f"{transport:<9} {_mib(cell['idle_kib']):>7} "
+            f"{transport:<9} {_mib(cell['idle_kib']):>7} {_mib(cell['bare_klein_idle_kib']):>7} "
+            f"{ratio:6.2f} {verdict:<4} "
             + " ".join(f"{_mib(after[level]) if level in after else '-':>8}" for level in levels)
             + f" {_mib(cell['per_1000_kib']):>9}  {cell['per_1000_basis']}"
+        )
+    return lines
+
+
+def _store(results: dict[str, Any]) -> list[str]:
+    st = results["store"]
+    targets = st["targets"]
+    generator = st.get("generator_version", st["generator"])
+    lines = [
+        "Store: publish with --store=memory and --store=sqlite:PATH (a new file in the run's "
+        f"directory), over TCP, {generator}; median of {st['runs']} runs of "
+        f"{st['duration']:g} s, each after a {st['warmup']:g} s warm-up; persistent connections.",
+        "x mem = the SQLite figure / the memory store's in this run.  Targets: SQLite p99 < "
+        f"{targets['p99_ms']:g} ms at concurrency {targets['p99_concurrency']}, SQLite req/s "
+        f">= {targets['rps_ratio']:g} x the memory store's.",
+        f"{'operation':<12} {'conc':>4} {'store':<6} {'gen':<6} {'req/s':>8} {'p50 ms':>8} "
+        f"{'p90 ms':>8} {'p99 ms':>8}  {'req/s':>5} {'p50':>5} {'p90':>5} {'p99':>5}  "
+        "verdict",
+        f"{'':<12} {'':>4} {'':<6} {'':<6} {'':>8} {'':>8} {'':>8} {'':>8}  "
+        f"{'x mem':>5} {'x mem':>5} {'x mem':>5} {'x mem':>5}",
+    ]
+    operations = list(st["memory"])
+    for operation in operations:
+        for conc in st["memory"][operation]:
+            for store in ("memory", "sqlite"):
+                cell = st[store][operation][conc]
+                row = (
+                    f"{operation:<12} {conc:>4} {store:<6} {cell['generator']:<6} "
+                    f"{cell['rps']:8.0f} {cell['p50_ms']:8.3f} {cell['p90_ms']:8.3f} "
+                    f"{cell['p99_ms']:8.3f}"
+                )
+                if store == "sqlite":
+                    ratio = cell["ratio_to_memory"]
+                    verdict = cell["verdict"]
+                    parts = []
+                    if verdict["p99_ok"] is not None:
+                        parts.append("p99 " + ("ok" if verdict["p99_ok"] else "OVER"))
+                    parts.append("req/s " + ("ok" if verdict["rps_ok"] else "UNDER"))
+                    row += (
+                        f"  {ratio['rps']:5.2f} {ratio['p50_ms']:5.2f} {ratio['p90_ms']:5.2f} "
+                        f"{ratio['p99_ms']:5.2f}  " + ", ".join(parts)
+                    )
+                if cell["non_2xx"] or cell["error_count"]:
+                    row += f"  !{cell['non_2xx']} non-2xx, {cell['error_count']} errors"
+                lines.append(row.rstrip())
+    lines.append(
+        "publish = the same module republished (steady state); publish_new = a new module "
+        "per request (the registry grows); one daemon per store and operation."
+    )
+    counted = st["sync_counter"] is not None
+    lines.append(
+        "SQLite commits: publishes acknowledged (2xx, warm-ups included) and the daemon's "
+        + (
+            "fdatasync calls counted by perf (kernel tracepoints); each commit syncs the WAL "
+            "once, a checkpoint adds about 2."
+            if counted
+            else f"fdatasync calls: not counted ({st['sync_counter_unavailable']})."
+        )
+    )
+    lines.append(
+        f"{'operation':<12} {'conc':>4} {'acknowledged':>12} {'fdatasyncs':>10} {'per sync':>8}"
+    )
+    for operation in operations:
+        for conc, cell in st["sqlite"][operation].items():
+            syncs = cell["fdatasyncs"]
+            per = cell["publishes_per_fdatasync"]
+            lines.append(
+                f"{operation:<12} {conc:>4} {cell['acknowledged']:>12} "
+                f"{syncs if syncs is not None else '-':>10} "
+                f"{format(per, '8.2f') if per is not None else '-':>8}"
+            )
+    for operation, f in st["sqlite_files"].items():
+        what = (
+            "1 module republished"
+            if operation == "publish"
+            else f"{f['acknowledged_modules']} new modules acknowledged"
+        )
+        slack = (
+            f", up to {f['in_flight_bound']} more in flight when a generator stopped"
+            if operation != "publish"
+            else ""
+        )
+        lines.append(
+            f"rows in the {operation} file after the run: {f['rows']} for {what}{slack}: "
+            f"{'ok' if f['ok'] else 'MISMATCH'} ({_mib(f['bytes'] / 1024)} MiB)"
+        )
+    bad = {name: code for name, code in st["exit_status"].items() if code != 0}
+    if bad:
+        lines.append(
+            "daemons that did not exit 0 on SIGTERM: "
+            + ", ".join(f"{name} ({code})" for name, code in bad.items())
         )
     return lines
 
@@ -188,6 +285,7 @@ def render(results: dict[str, Any]) -> str:
     ]
     for name, section in (
         ("throughput", _throughput),
+        ("store", _store),
         ("memory", _memory),
         ("startup", _startup),
         ("cleanup", _cleanup),

@@ -21,7 +21,7 @@ from bench.daemon import Workspace, stop_process, venv_command
 from bench.probe import Target, wait_until_healthy
 from bench.stats import median
 
-__all__ = ["BARE_KLEIN", "COMMANDS", "measure_startup"]
+__all__ = ["BARE_KLEIN", "COMMANDS", "bare_klein_argv", "free_port", "measure_startup"]
 
 BARE_KLEIN = "twistd -n web (bare Klein)"
 COMMANDS = ("hsu-registry", "twistd -n hsu-registry", BARE_KLEIN)
@@ -53,18 +53,23 @@ def _commands() -> list[_Command]:
             COMMANDS[1],
             lambda endpoint: [twistd, "-n", "--pidfile=", "hsu-registry", f"--endpoint={endpoint}"],
         ),
-        _Command(
-            BARE_KLEIN,
-            lambda endpoint: [
-                twistd,
-                "-n",
-                "--pidfile=",
-                "web",
-                f"--listen={endpoint}",
-                "--class=bench.bare_klein.resource",
-            ],
-            bench_importable=True,
-        ),
+        _Command(BARE_KLEIN, lambda endpoint: bare_klein_argv(endpoint), bench_importable=True),
+    ]
+
+
+def bare_klein_argv(*endpoints: str) -> list[str]:
+    """
+    The argv of C{twistd -n web} serving L{bench.bare_klein} on C{endpoints}
+    (strports); it must run with the bench package importable
+    (C{Workspace.spawn(..., bench_importable=True)}).
+    """
+    return [
+        venv_command("twistd"),
+        "-n",
+        "--pidfile=",
+        "web",
+        *(f"--listen={endpoint}" for endpoint in endpoints),
+        "--class=bench.bare_klein.resource",
     ]
 
 

@@ -42,7 +42,16 @@ from bench.workload import (
     publish_template,
 )
 
-__all__ = ["CONCURRENCY", "OPERATIONS", "TRANSPORTS", "Settings", "measure_throughput"]
+__all__ = [
+    "CONCURRENCY",
+    "FIGURES",
+    "OPERATIONS",
+    "TRANSPORTS",
+    "Settings",
+    "measure_throughput",
+    "request_for",
+    "summarise",
+]
 
 OPERATIONS = ("discover", "publish", "publish_new", "health")
 TRANSPORTS = ("tcp", "unix")
@@ -75,7 +84,7 @@ class _Cell:
         return (self.operation, self.transport, self.connections)
 
 
-def _request(operation: str) -> tuple[str, str, str | None, bool]:
+def request_for(operation: str) -> tuple[str, str, str | None, bool]:
     """Method, path, body (template) and whether IDs are unique, for C{operation}."""
     if operation in ("discover", "reference"):
         return "GET", discover_path(DISCOVER_MODULE), None, False
@@ -91,7 +100,7 @@ def _request(operation: str) -> tuple[str, str, str | None, bool]:
 def _run_python(
     workspace: Workspace, cell: _Cell, settings: Settings, prefix: str
 ) -> dict[str, Any]:
-    method, path, body, _ = _request(cell.operation)
+    method, path, body, _ = request_for(cell.operation)
     target = cell.server.target(cell.transport)
     args = [
         *target.loadgen_args(),
@@ -113,7 +122,7 @@ def _run_python(
 
 
 def _run_wrk(cell: _Cell, settings: Settings, prefix: str) -> dict[str, Any]:
-    method, path, body, unique = _request(cell.operation)
+    method, path, body, unique = request_for(cell.operation)
     url = cell.server.target("tcp").url(path)
 
     def once(duration: float, run_prefix: str) -> dict[str, Any]:
@@ -142,7 +151,8 @@ def _cells(daemon: Server, growth: Server, reference: Server, settings: Settings
     return cells
 
 
-def _summary(runs: list[dict[str, Any]], generator: str) -> dict[str, Any]:
+def summarise(runs: list[dict[str, Any]], generator: str) -> dict[str, Any]:
+    """The median of each figure over C{runs}, with their request and error counts."""
     out: dict[str, Any] = {"generator": generator}
     for figure in FIGURES:
         values = [r[figure] for r in runs if figure in r]
@@ -194,13 +204,13 @@ def measure_throughput(
     reference_out: dict[str, Any] = {t: {} for t in TRANSPORTS}
     throughput: dict[str, Any] = {op: {t: {} for t in TRANSPORTS} for op in OPERATIONS}
     for cell in cells:
-        summary = _summary(results[cell.key], cell.generator)
+        summary = summarise(results[cell.key], cell.generator)
         if cell.operation == "reference":
             reference_out[cell.transport][str(cell.connections)] = summary
     for cell in cells:
         if cell.operation == "reference":
             continue
-        summary = _summary(results[cell.key], cell.generator)
+        summary = summarise(results[cell.key], cell.generator)
         ref = reference_out[cell.transport][str(cell.connections)]
         summary["reference_rps"] = ref["rps"]
         summary["ratio"] = summary["rps"] / ref["rps"] if ref["rps"] else 0.0

@@ -33,6 +33,8 @@ STARTUP_COMMANDS = ("hsu-registry", "twistd -n hsu-registry", "twistd -n web (ba
 GC_MODES = {"frozen": True, "not_frozen": False}
 GC_PHASES = ("start-up", "publish", "republish", "discover", "other")
 GC_QUICK_MODULES = 2000
+STORES = ("memory", "sqlite")
+STORE_OPERATIONS = ("publish", "publish_new")
 
 
 class _Collect(ProcessProtocol):
@@ -79,9 +81,12 @@ class QuickBenchmarkTests(TestCase):
         The quick run exits 0, prints a table with every section, and writes
         JSON with numeric figures for discover, publish and health over TCP and
         the unix socket at concurrency 1 and 64 (each with its reference
-        ratio), memory, start-up, cleanup and garbage-collector pauses (a
-        frozen and a not frozen daemon, each holding the 2 000 modules it was
-        given).
+        ratio), publish on the memory and the SQLite store (each SQLite figure
+        with its ratio to the memory store's, and every acknowledged new
+        module found in the SQLite file), memory (with the idle RSS of a bare
+        Klein process and the ratio to it), start-up, cleanup and
+        garbage-collector pauses (a frozen and a not frozen daemon, each
+        holding the 2 000 modules it was given).
         """
         if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
             raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
@@ -95,7 +100,15 @@ class QuickBenchmarkTests(TestCase):
         out, err, code = await ended
         self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
         table = out.decode("utf-8")
-        for heading in ("Throughput", "Memory", "Start-up", "Cleanup", "Garbage collector"):
+        for heading in (
+            "Throughput",
+            "Store",
+            "SQLite commits",
+            "Memory",
+            "Start-up",
+            "Cleanup",
+            "Garbage collector",
+        ):
             self.assertIn(heading, table)
 
         with open(path, encoding="utf-8") as f:
@@ -118,9 +131,45 @@ class QuickBenchmarkTests(TestCase):
                     self.assertGreater(cell["requests"], 0, where)
                     self.assertEqual((cell["non_2xx"], cell["error_count"]), (0, 0), where)
 
+        store = results["store"]
+        self.assertEqual(store["generator"], "python")
+        for operation in STORE_OPERATIONS:
+            for concurrency in CONCURRENCY:
+                for name in STORES:
+                    where = f"store {name} {operation} c={concurrency}"
+                    cell = store[name][operation][concurrency]
+                    self.assertEqual(cell["generator"], "python", where)
+                    for figure in LATENCY:
+                        self.assertNumber(cell[figure], f"{where} {figure}")
+                    self.assertGreater(cell["requests"], 0, where)
+                    self.assertEqual((cell["non_2xx"], cell["error_count"]), (0, 0), where)
+                    self.assertIsInstance(cell["acknowledged"], int, where)
+                    self.assertGreaterEqual(cell["acknowledged"], cell["requests"], where)
+                where = f"store sqlite {operation} c={concurrency}"
+                cell = store["sqlite"][operation][concurrency]
+                for figure in LATENCY:
+                    self.assertNumber(cell["ratio_to_memory"][figure], f"{where} ratio {figure}")
+                self.assertIsInstance(cell["verdict"]["rps_ok"], bool, where)
+                if concurrency == "64":
+                    self.assertIsInstance(cell["verdict"]["p99_ok"], bool, where)
+                else:
+                    self.assertIsNone(cell["verdict"]["p99_ok"], where)
+                if cell["fdatasyncs"] is not None:  # perf may be missing or not allowed
+                    self.assertIsInstance(cell["fdatasyncs"], int, where)
+                    self.assertNumber(cell["publishes_per_fdatasync"], where)
+            files = store["sqlite_files"][operation]
+            for figure in ("rows", "acknowledged", "acknowledged_modules", "bytes"):
+                self.assertIsInstance(files[figure], int, f"sqlite file {operation} {figure}")
+            self.assertTrue(files["ok"], f"sqlite file {operation}: {files}")
+        self.assertEqual(store["sqlite_files"]["publish"]["rows"], 1)
+        self.assertEqual(set(store["exit_status"].values()), {0})
+
         for transport in TRANSPORTS:
             memory = results["memory"][transport]
             self.assertNumber(memory["idle_kib"], f"memory {transport}")
+            self.assertNumber(memory["bare_klein_idle_kib"], f"memory {transport}")
+            self.assertGreater(memory["bare_klein_idle_kib"], 0, f"memory {transport}")
+            self.assertNumber(memory["idle_ratio_to_bare_klein"], f"memory {transport}")
             self.assertNumber(memory["after_kib"]["1000"], f"memory {transport}")
             self.assertNumber(memory["per_1000_kib"], f"memory {transport}")
 
