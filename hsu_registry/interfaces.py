@@ -85,12 +85,15 @@ class IRegistry(Interface):
         @return: a Deferred firing with the number of registrations loaded.
         """
 
-    def publish(request: PublishRequest) -> Deferred[Change]:
+    def publish(request: PublishRequest) -> Deferred[Change | None]:
         """
         Create or replace a module's registration from a
-        L{hsu_registry.model.PublishRequest}; counts as a heartbeat.
+        L{hsu_registry.model.PublishRequest}; counts as a heartbeat.  The same
+        content again (same process, same APIs) is only a heartbeat: nothing
+        is written, the change index does not move.
 
-        @return: a Deferred firing with the L{hsu_registry.registry.Change}.
+        @return: a Deferred firing with the L{hsu_registry.registry.Change},
+            or L{None} for a heartbeat.
         """
 
     def discover(module_id: str) -> Registration:

@@ -253,10 +253,10 @@ class Registry:
             )
         )
 
-    def publish(self, request: PublishRequest) -> Deferred[Change]:
+    def publish(self, request: PublishRequest) -> Deferred[Change | None]:
         return self._serialised(request.module_id, lambda: self._publish(request))
 
-    def _publish(self, request: PublishRequest) -> Deferred[Change]:
+    def _publish(self, request: PublishRequest) -> Deferred[Change | None]:
         now = self._clock.seconds()
         existing = self._modules.get(request.module_id)
         if existing is None:
@@ -274,6 +274,18 @@ class Registry:
             apis=request.apis,
             registered_at=existing[2] if existing is not None else now,
         )
+        if existing is not None and existing[1:4] == registration.plain()[1:4]:
+            # The same content again, a module's periodic re-publish: a
+            # heartbeat.  Nothing to persist now (last-seen times are flushed
+            # in batches), no change to index or announce.
+            self._last_seen[request.module_id] = now
+            self._touched.add(request.module_id)
+            self.log.debug(
+                "Refreshed module {module_id} (process {process_id})",
+                module_id=request.module_id,
+                process_id=request.process_id,
+            )
+            return succeed(None)
 
         def release(outcome: object) -> object:
             if existing is None:
@@ -288,24 +300,18 @@ class Registry:
     def _apply_publish(self, registration: Registration, now: float) -> Change:
         module_id = registration.module_id
         previous = self._modules.get(module_id)
-        plain = registration.plain()
-        unchanged = previous is not None and previous[1:] == plain[1:]
         if previous is None:
             self._insert(registration, now)
             kind = ChangeKind.PUBLISHED
         else:
-            if not unchanged:
-                # The same content again (a module's periodic re-publish)
-                # keeps the stored tuple: no allocation, nothing for the GC.
-                self._modules[module_id] = plain
-                self._total_apis += registration.api_count - previous[4]
-                gctune.replaced()
+            self._modules[module_id] = registration.plain()
+            self._total_apis += registration.api_count - previous[4]
             self._last_seen[module_id] = now
+            gctune.replaced()
             kind = ChangeKind.UPDATED
         self._touched.discard(module_id)
         change = self._record(kind, registration)
-        emit = self.log.debug if unchanged else self.log.info
-        emit(
+        self.log.info(
             "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index})",
             kind=kind.value.capitalize(),
             module_id=module_id,

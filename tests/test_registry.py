@@ -5,6 +5,9 @@ L{task.Clock}, over the memory store and a controllable store.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -29,8 +32,16 @@ class RegistryTests(SynchronousTestCase):
         self.changes: list[Change] = []
         self.registry.subscribe(self.changes.append)
 
-    def publish(self, *args: object, **kwargs: object) -> Change:
-        return self.successResultOf(self.registry.publish(publish_request(*args, **kwargs)))  # type: ignore[arg-type]
+    def publish(self, *args: Any, **kwargs: Any) -> Change:
+        """Publish a change (not a heartbeat) and return it."""
+        change = self.successResultOf(self.registry.publish(publish_request(*args, **kwargs)))
+        assert change is not None, "expected a change, got a heartbeat"
+        return change
+
+    def changed(self, d: Deferred[Change | None]) -> Change:
+        change = self.successResultOf(d)
+        assert change is not None
+        return change
 
     def test_interface(self) -> None:
         """The registry provides L{IRegistry}."""
@@ -65,7 +76,7 @@ class RegistryTests(SynchronousTestCase):
     def test_change_index_increments_on_every_mutation(self) -> None:
         """Publish, update, unpublish and expiry each take the next index."""
         self.publish("a")
-        self.publish("a")
+        self.publish("a", apis=2)
         self.successResultOf(self.registry.unpublish("a"))
         self.publish("b")
         self.clock.advance(601)
@@ -108,6 +119,25 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(failure.value.context["registeredProcessID"], 7)
         self.assertIsNotNone(self.registry.get("echo"))
         self.assertEqual(self.registry.index, 1)
+
+    def test_identical_republish_is_a_heartbeat(self) -> None:
+        """The same content again refreshes the module and changes nothing else."""
+        self.publish("echo")
+        writes = self.store.writes
+        self.clock.advance(250)
+        self.assertIsNone(self.successResultOf(self.registry.publish(publish_request("echo"))))
+        self.assertEqual((self.registry.index, len(self.changes)), (1, 1))
+        self.assertEqual(self.store.writes, writes)
+        self.assertEqual(self.registry.last_seen("echo"), self.clock.seconds())
+        self.clock.advance(250)
+        self.registry.discover("echo")  # not stale: the re-publish refreshed it
+        self.successResultOf(self.registry.flush_heartbeats())
+        self.assertEqual(self.successResultOf(self.store.load())[0].last_seen, self.clock.seconds())
+
+    def test_republish_from_another_process_is_a_change(self) -> None:
+        """Same APIs from another process is a change: the owner changed."""
+        self.publish("echo", process_id=1)
+        self.assertEqual(self.publish("echo", process_id=2).kind, ChangeKind.UPDATED)
 
     def test_stale_module_not_discoverable(self) -> None:
         """A module not seen for more than stale_after is not found."""
@@ -218,7 +248,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.assertIsNone(self.registry.get("echo"))
         self.store.release()
-        self.assertEqual(self.successResultOf(d).kind, ChangeKind.PUBLISHED)
+        self.assertEqual(self.changed(d).kind, ChangeKind.PUBLISHED)
         self.assertIsNotNone(self.registry.get("echo"))
 
     def test_mutations_of_one_module_are_serialised(self) -> None:
@@ -231,11 +261,11 @@ class RegistryTests(SynchronousTestCase):
         self.store.release()  # publish 1 applied, unpublish starts
         self.store.release()  # unpublish applied, publish 2 starts
         self.store.release()
-        self.assertEqual(self.successResultOf(first).kind, ChangeKind.PUBLISHED)
+        self.assertEqual(self.changed(first).kind, ChangeKind.PUBLISHED)
         change = self.successResultOf(second)
         assert change is not None
         self.assertEqual(change.kind, ChangeKind.UNPUBLISHED)
-        self.assertEqual(self.successResultOf(third).kind, ChangeKind.PUBLISHED)
+        self.assertEqual(self.changed(third).kind, ChangeKind.PUBLISHED)
         self.assertEqual([c.index for c in self.changes], [1, 2, 3])
 
     def test_full_counts_pending_creations(self) -> None:
@@ -255,7 +285,7 @@ class RegistryTests(SynchronousTestCase):
         d = self.registry.publish(publish_request("echo", apis=2))
         self.assertEqual(self.successResultOf(self.registry.expire()), [])
         self.store.release()
-        self.assertEqual(self.successResultOf(d).kind, ChangeKind.UPDATED)
+        self.assertEqual(self.changed(d).kind, ChangeKind.UPDATED)
         self.assertIsNotNone(self.registry.get("echo"))
 
     def test_observer_failure_is_logged_not_raised(self) -> None:
@@ -272,7 +302,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         unsubscribe()
         unsubscribe_broken()
-        self.publish("echo")
+        self.publish("echo", apis=2)
         self.assertEqual(len(seen), 1)
         self.assertEqual(self.flushLoggedErrors(ZeroDivisionError), [])
 
