@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_watch -*-
+"""
+What watchers need from the registry: the recent changes, kept in a bounded
+buffer so a reconnecting watcher can be replayed what it missed (or told it
+must resynchronise), and Deferreds for blocking queries waiting for the next
+change.
+
+Idle watchers cost nothing but their entry here: no timer runs while nothing
+changes, except the one a blocking query sets for the end of its wait.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from hsu_registry.registry import Change, Registry
+
+__all__ = ["DEFAULT_MAX_WAIT", "ChangeLog"]
+
+# The longest a blocking query may wait, whatever it asks for.
+DEFAULT_MAX_WAIT = 300.0
+
+
+class _Waiter:
+    def __init__(self, index: int, done: Deferred[int], timer: IDelayedCall) -> None:
+        self.index = index
+        self.done = done
+        self.timer = timer
+
+
+class ChangeLog:
+    """
+    The last C{size} changes of C{registry}, and the blocking queries waiting
+    for the change index to pass a value.
+
+    @param max_wait: the longest wait granted to a blocking query.
+    @param jitter: a random source; a wait is stretched by up to 1/16 so that
+        many clients that started together do not all come back together.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        clock: IReactorTime,
+        size: int = 4096,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        jitter: random.Random | None = None,
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.size = size
+        self.max_wait = max_wait
+        self._jitter = jitter or random.Random()
+        self._changes: deque[Change] = deque(maxlen=size)
+        self._waiters: list[_Waiter] = []
+        self._listeners: list[Callable[[Change], object]] = []
+        registry.subscribe(self._changed)
+
+    @property
+    def index(self) -> int:
+        return self.registry.index
+
+    @property
+    def epoch(self) -> str:
+        return self.registry.epoch
+
+    @property
+    def waiting(self) -> int:
+        """How many blocking queries are waiting."""
+        return len(self._waiters)
+
+    def since(self, index: int) -> list[Change] | None:
+        """
+        The changes after C{index}, oldest first; L{None} when some of them
+        are no longer in the buffer (or C{index} is from the future, as after
+        a restart): the caller must resynchronise.
+        """
+        current = self.registry.index
+        if index == current:
+            return []
+        if index > current:
+            return None
+        oldest = self._changes[0].index if self._changes else current + 1
+        if index < oldest - 1:
+            return None
+        return [change for change in self._changes if change.index > index]
+
+    def listen(self, listener: Callable[[Change], object]) -> Callable[[], None]:
+        """Call C{listener(change)} for every change; returns the way to stop."""
+        self._listeners.append(listener)
+
+        def stop() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return stop
+
+    def wait(self, index: int, wait: float) -> Deferred[int]:
+        """
+        Fire with the change index once it passes C{index}, or when C{wait}
+        seconds (bounded by C{max_wait}, stretched by jitter) have passed.
+        Cancelling the Deferred (a client that went away) forgets the wait.
+        """
+        current = self.registry.index
+        if current != index:
+            # Passed already, or an index from before a restart (the index
+            # starts again with each epoch): answer now.
+            return succeed(current)
+        seconds = min(max(wait, 0.0), self.max_wait)
+        seconds += seconds * self._jitter.random() / 16
+
+        waiter: _Waiter
+
+        def cancel(d: Deferred[int]) -> None:
+            self._forget(waiter)
+
+        done: Deferred[int] = Deferred(cancel)
+        timer = self.clock.callLater(seconds, self._expire, done)
+        waiter = _Waiter(index, done, timer)
+        self._waiters.append(waiter)
+        return done
+
+    def _expire(self, done: Deferred[int]) -> None:
+        self._waiters = [w for w in self._waiters if w.done is not done]
+        if not done.called:
+            done.callback(self.registry.index)
+
+    def _forget(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        if waiter.timer.active():
+            waiter.timer.cancel()
+
+    def _changed(self, change: Change) -> None:
+        self._changes.append(change)
+        if self._waiters:
+            ready = [w for w in self._waiters if change.index > w.index]
+            self._waiters = [w for w in self._waiters if change.index <= w.index]
+            for waiter in ready:
+                if waiter.timer.active():
+                    waiter.timer.cancel()
+                waiter.done.callback(change.index)
+        for listener in list(self._listeners):
+            listener(change)
+
+    def close(self) -> None:
+        """Answer every waiting query now (the daemon is stopping)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if waiter.timer.active():
+                waiter.timer.cancel()
+            if not waiter.done.called:
+                waiter.done.callback(self.registry.index)
