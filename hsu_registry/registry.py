@@ -120,6 +120,8 @@ class Registry:
         self._modules: Table[str, PlainRegistration] = Table()
         self._last_seen: dict[str, float] = {}
         self._total_apis = 0
+        # Service ID -> the modules serving it (tuples: untracked by the GC).
+        self._by_service: Table[str, tuple[str, ...]] = Table()
         # Expiry heap of (last seen when pushed, token, module ID): one live
         # entry per module, found again by its token; refreshed lazily on pop.
         self._expiry: list[tuple[float, int, str]] = []
@@ -139,6 +141,25 @@ class Registry:
 
     def __iter__(self) -> Iterator[Registration]:
         return map(Registration.from_plain, list(self._modules.values()))
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self._clock
+
+    def registrations(self) -> Iterator[tuple[Registration, float]]:
+        """Every registration with its last-seen time (a snapshot)."""
+        seen = self._last_seen
+        for module_id, plain in list(self._modules.items()):
+            yield Registration.from_plain(plain), seen[module_id]
+
+    def providers(self, service_id: str) -> list[tuple[Registration, float]]:
+        """The registrations with an API serving C{service_id}, and their last-seen times."""
+        out = []
+        for module_id in self._by_service.get(service_id, ()):
+            plain = self._modules.get(module_id)
+            if plain is not None:
+                out.append((Registration.from_plain(plain), self._last_seen[module_id]))
+        return out
 
     def get(self, module_id: str) -> Registration | None:
         plain = self._modules.get(module_id)
@@ -304,6 +325,8 @@ class Registry:
             self._insert(registration, now)
             kind = ChangeKind.PUBLISHED
         else:
+            self._index_services(Registration.from_plain(previous), add=False)
+            self._index_services(registration, add=True)
             self._modules[module_id] = registration.plain()
             self._total_apis += registration.api_count - previous[4]
             self._last_seen[module_id] = now
@@ -321,8 +344,24 @@ class Registry:
         )
         return change
 
+    def _index_services(self, registration: Registration, add: bool) -> None:
+        module_id = registration.module_id
+        services = {sid for api in registration.apis for sid in api.service_ids}
+        for service_id in services:
+            providers = self._by_service.get(service_id, ())
+            if add:
+                if module_id not in providers:
+                    self._by_service[service_id] = (*providers, module_id)
+            elif module_id in providers:
+                rest = tuple(m for m in providers if m != module_id)
+                if rest:
+                    self._by_service[service_id] = rest
+                else:
+                    del self._by_service[service_id]
+
     def _insert(self, registration: Registration, last_seen: float) -> None:
         module_id = registration.module_id
+        self._index_services(registration, add=True)
         self._modules[module_id] = registration.plain()
         self._last_seen[module_id] = last_seen
         self._total_apis += registration.api_count
@@ -339,7 +378,9 @@ class Registry:
         del self._expiry_token[module_id]
         self._touched.discard(module_id)
         self._total_apis -= plain[4]
-        return Registration.from_plain(plain)
+        registration = Registration.from_plain(plain)
+        self._index_services(registration, add=False)
+        return registration
 
     def unpublish(self, module_id: str, process_id: int | None = None) -> Deferred[Change | None]:
         return self._serialised(module_id, lambda: self._unpublish(module_id, process_id))

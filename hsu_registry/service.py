@@ -197,6 +197,13 @@ class RegistryService(MultiService):
         if self.config.freeze_gc:
             freeze_long_lived()
 
+    def stopService(self) -> Deferred[None]:
+        # End every watch stream and answer every blocking query first:
+        # stopping the listeners does not close the connections they hold.
+        self.api.watchers.close()
+        self.api.changelog.close()
+        return super().stopService()
+
     def resource(self) -> IResource:
         """The API as a resource, for mounting under a host application's Site."""
         return self.api.resource()

@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -19,9 +20,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from hsu_registry.durations import format_duration
-from hsu_registry.errors import RegistryError
-from hsu_registry.interfaces import IRegistry
+from hsu_registry.durations import format_duration, parse_duration
+from hsu_registry.errors import InvalidRequest, ModuleNotFound, RegistryError
 from hsu_registry.model import (
     DEFAULT_LIMITS,
     Limits,
@@ -29,7 +29,11 @@ from hsu_registry.model import (
     parse_process_id,
     parse_publish_body,
 )
+from hsu_registry.registry import Registry
+from hsu_registry.watch import ChangeLog
+from hsu_registry.web.catalog import module_entry
 from hsu_registry.web.responses import SUCCESS, error_response, json_response
+from hsu_registry.web.watch import WatchHub
 
 __all__ = ["RegistryAPI"]
 
@@ -45,9 +49,18 @@ class RegistryAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, registry: IRegistry, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        limits: Limits = DEFAULT_LIMITS,
+        changelog: ChangeLog | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.registry = registry
         self.limits = limits
+        self.clock: IReactorTime = clock if clock is not None else registry.clock
+        self.changelog = changelog if changelog is not None else ChangeLog(registry, self.clock)
+        self.watchers = WatchHub(self.changelog, self.clock)
 
     def resource(self) -> IResource:
         """The API as a resource that answers every request with JSON."""
@@ -62,8 +75,15 @@ class RegistryAPI:
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
-    def discover(self, request: IRequest, moduleID: str) -> bytes:
-        registration = self.registry.discover(moduleID)
+    def discover(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
+        args = request.args or {}
+        if b"wait" in args or b"index" in args:
+            return self._blocking(request, lambda: self._discover(request, moduleID), moduleID)
+        return self._discover(request, moduleID)
+
+    def _discover(self, request: IRequest, module_id: str) -> bytes:
+        registration = self.registry.discover(module_id)
+        self._index_headers(request)
         return json_response(request, registration.discover_body)
 
     @app.route("/api/v1/unpublish/<moduleID>", methods=["DELETE"])
@@ -72,6 +92,119 @@ class RegistryAPI:
         process_id = parse_process_id(args.get(b"processID"), self.limits)
         done = self.registry.unpublish(moduleID, process_id)
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
+
+    @app.route("/api/v1/modules", methods=["GET"])
+    def modules(self, request: IRequest) -> bytes | Deferred[bytes]:
+        return self._maybe_blocking(request, lambda: self._modules(request))
+
+    def _modules(self, request: IRequest) -> bytes:
+        now = self.clock.seconds()
+        stale = self.registry.stale_after
+        entries = [
+            module_entry(registration, seen, now, stale)
+            for registration, seen in self.registry.registrations()
+        ]
+        self._index_headers(request)
+        return json_response(request, b'{"modules":[' + b",".join(entries) + b"]}")
+
+    @app.route("/api/v1/modules/<moduleID>", methods=["GET"])
+    def module(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
+        return self._maybe_blocking(request, lambda: self._module(request, moduleID))
+
+    def _module(self, request: IRequest, module_id: str) -> bytes:
+        registration = self.registry.get(module_id)
+        seen = self.registry.last_seen(module_id)
+        if registration is None or seen is None:
+            raise ModuleNotFound(module_id)
+        self._index_headers(request)
+        entry = module_entry(registration, seen, self.clock.seconds(), self.registry.stale_after)
+        return json_response(request, entry)
+
+    @app.route("/api/v1/services/<serviceID>", methods=["GET"])
+    def service(self, request: IRequest, serviceID: str) -> bytes | Deferred[bytes]:
+        return self._maybe_blocking(request, lambda: self._service(request, serviceID))
+
+    def _service(self, request: IRequest, service_id: str) -> bytes:
+        now = self.clock.seconds()
+        stale = self.registry.stale_after
+        providers = []
+        for registration, seen in self.registry.providers(service_id):
+            apis = [api.to_json() for api in registration.apis if service_id in api.service_ids]
+            provider = {
+                "moduleID": registration.module_id,
+                "processID": registration.process_id,
+                "apis": apis,
+                "state": "stale" if now - seen > stale else "ready",
+            }
+            providers.append(provider)
+        self._index_headers(request)
+        body = encode_json({"serviceID": service_id, "providers": providers})
+        return json_response(request, body)
+
+    @app.route("/api/v1/watch", methods=["GET"])
+    def watch(self, request: IRequest) -> Any:
+        last = request.getHeader(b"last-event-id")
+        args = request.args or {}
+        if last is None and args.get(b"index"):
+            last = args[b"index"][0]
+        epoch = request.getHeader(b"x-hsu-epoch")
+        if epoch is None and args.get(b"epoch"):
+            epoch = args[b"epoch"][0]
+        last_index = _parse_index(last, "Last-Event-ID") if last is not None else None
+        return self.watchers.open(
+            request, last_index, epoch.decode("ascii", "replace") if epoch else None
+        )
+
+    # -- blocking queries --------------------------------------------------
+
+    def _index_headers(self, request: IRequest) -> None:
+        request.setHeader(b"x-hsu-index", b"%d" % self.registry.index)
+        request.setHeader(b"x-hsu-epoch", self.registry.epoch.encode("ascii"))
+
+    def _maybe_blocking(
+        self, request: IRequest, answer: Callable[[], bytes]
+    ) -> bytes | Deferred[bytes]:
+        args = request.args or {}
+        if b"index" in args:
+            return self._blocking(request, answer, None)
+        return answer()
+
+    def _blocking(
+        self, request: Any, answer: Callable[[], bytes], module_id: str | None
+    ) -> bytes | Deferred[bytes]:
+        """
+        Hold the answer until the change index passes C{?index=} (or, for a
+        discover of a module that is not there, until it appears), at most
+        C{?wait=} (bounded), then answer the current state.
+        """
+        args = request.args or {}
+        wait = _parse_wait(args.get(b"wait"), self.changelog.max_wait)
+        index = args.get(b"index")
+        since = _parse_index(index[0], "index") if index else None
+        deadline = self.clock.seconds() + wait
+
+        waiting: list[Deferred[int]] = []
+
+        def client_left(_: object) -> None:
+            for d in waiting:
+                d.cancel()
+
+        request.notifyFinish().addErrback(client_left)
+
+        async def held() -> bytes:
+            while True:
+                if since is not None:
+                    if self.registry.index != since:
+                        return answer()
+                elif module_id is not None and self.registry.get(module_id) is not None:
+                    return answer()
+                remaining = deadline - self.clock.seconds()
+                if remaining <= 0:
+                    return answer()
+                waiting[:] = [self.changelog.wait(self.registry.index, remaining)]
+                await waiting[0]
+
+        return Deferred.fromCoroutine(held())
 
     @app.route("/api/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
@@ -125,6 +258,21 @@ class RegistryAPI:
     def _klein_failed(self, request: IRequest, failure: Failure) -> bytes:
         # For hosts that serve ``app.resource()`` (Klein's own glue) directly.
         return self.failed(request, failure)
+
+
+def _parse_index(raw: bytes, what: str) -> int:
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidRequest(f"{what} must be a change index (a non-negative integer)")
+    return int(raw)
+
+
+def _parse_wait(values: list[bytes] | None, max_wait: float) -> float:
+    if not values:
+        return max_wait
+    try:
+        return min(parse_duration(values[0].decode("ascii")), max_wait)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidRequest(f"wait must be a duration such as 30s: {e}") from None
 
 
 def _now_or_later(done: Deferred[Any], answer: Callable[[Any], bytes]) -> bytes | Deferred[bytes]:
@@ -203,23 +351,25 @@ class _APIResource(Resource):
             result = self._app.execute_endpoint(endpoint, request, **arguments)
         except Exception:
             return self._api.failed(request, Failure())
-        if isinstance(result, bytes):
-            return result
-        assert isinstance(result, Deferred), f"{endpoint} must answer bytes or a coroutine"
+        if isinstance(result, bytes) or result is NOT_DONE_YET:
+            return result  # an answer now, or a stream the endpoint writes itself
+        assert isinstance(result, Deferred), f"{endpoint} must answer bytes or a Deferred"
         return self._render_later(request, result)
 
     def _render_later(self, request: Any, result: Deferred[Any]) -> object:
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-        def write(body: bytes) -> None:
-            if gone:
+        def write(body: bytes | None) -> None:
+            if gone or body is None or request.channel is None:
                 return  # the client left; the change itself went through
             request.setHeader(b"content-length", b"%d" % len(body))
             request.write(body)
             request.finish()
 
-        def failed(failure: Failure) -> bytes:
+        def failed(failure: Failure) -> bytes | None:
+            if gone or request.channel is None or failure.check(CancelledError):
+                return None  # the client left (its wait was cancelled): nobody to answer
             return self._api.failed(request, failure)
 
         result.addErrback(failed).addCallback(write)
