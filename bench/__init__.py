@@ -4,8 +4,9 @@ The benchmark harness of hsu-registry (issue 4).
 ``python -m bench`` starts the installed daemon and a bare twisted.web
 reference as subprocesses, loads them with ``wrk`` (where installed) or the
 built-in Python load generator, and prints a table (and writes JSON) of
-throughput and latency, publish on the memory and the SQLite store, memory,
-start-up time, cleanup lag and the garbage collector's pauses.  Throughput is
+throughput and latency, publish on the memory and the SQLite store (hammered
+by closed-loop generators, and by 64 publishers at a fixed rate, open loop),
+memory, start-up time, cleanup lag and the garbage collector's pauses.  Throughput is
 also given as a ratio to the reference measured in the same run (and SQLite
 publish as a ratio to the memory store's): the machine is shared and noisy,
 so those ratios are what to compare across commits.

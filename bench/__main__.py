@@ -5,10 +5,11 @@ The benchmark: ``python -m bench [--quick] [--runs N] [--duration S]
 It starts the installed daemon (and a bare twisted.web reference) as
 subprocesses, loads them, stops them, prints a table and writes JSON (by
 default ``bench/results/latest.json``): throughput and latency, publish on the
-memory and the SQLite store, memory, start-up, cleanup lag and
-garbage-collector pauses (see each module of this package).  Progress goes
-to stderr, the table to stdout.  ``--quick`` (about 30 s) keeps the harness
-working: tiny runs with the Python generator only; its figures mean nothing.
+memory and the SQLite store (closed loop, and 64 publishers at a fixed rate),
+memory, start-up, cleanup lag and garbage-collector pauses (see each module
+of this package).  Progress goes to stderr, the table to stdout.
+``--quick`` (about 30 s) keeps the harness working: tiny runs with the
+Python generator only; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bench.memory import LEVELS, measure_memory
 from bench.probe import request
 from bench.report import render, write_json
 from bench.startup import measure_startup
-from bench.store import measure_store
+from bench.store import PACED_RATES, PacedSettings, measure_store
 from bench.throughput import Settings, measure_throughput
 from bench.workload import DISCOVER_MODULE, PUBLISH_PATH, discover_path, publish_body
 
@@ -40,6 +41,8 @@ __all__ = ["main"]
 
 SECTIONS = ("throughput", "store", "memory", "startup", "cleanup", "gc")
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
+#: The store section's paced part in a quick run: one total rate (req/s).
+QUICK_PACED_RATE = 200.0
 
 
 def _progress(line: str) -> None:
@@ -55,7 +58,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny runs, Python generator only, about 1 s of load for the store section, "
+        help="tiny runs, Python generator only, about 2 s of load for the store section, "
         "1 000 modules, 10 000 registrations, 2 starts, 2 000 modules for the gc section",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
@@ -202,8 +205,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     duration=args.duration if args.duration is not None else 0.1,
                     warmup=args.warmup if args.warmup is not None else 0.025,
                 )
+            # 64 publishers at a fixed rate: the section's warm-up and runs,
+            # one rate of 0.5 s in a quick run.
+            paced = PacedSettings(
+                rates=(QUICK_PACED_RATE,) if quick else PACED_RATES,
+                duration=0.5 if quick and args.duration is None else settings.duration,
+                warmup=settings.warmup,
+            )
             _progress("store: publish with the memory store and with the SQLite store")
-            results["store"] = measure_store(workspace, store_settings, _progress)
+            results["store"] = measure_store(workspace, store_settings, _progress, paced)
             if store_settings.use_wrk:
                 results["store"]["generator_version"] = results["meta"]["tcp_generator"]
             if results["store"]["sync_counter"] is None:

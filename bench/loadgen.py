@@ -1,8 +1,24 @@
 """
 The built-in load generator: N persistent HTTP/1.1 connections over TCP or a
-unix socket, each sending its next request as soon as the previous answer
-has been read, for a warm-up and then a measured window (or until a given
+unix socket, for a warm-up and then a measured window (or until a given
 number of requests is done), recording the latency of every request.
+
+Closed loop (the default): each connection sends its next request as soon as
+the previous answer has been read.  Latency is then bounded below by
+connections / throughput (Little's law): it says how the server copes with
+being hammered, not how long a request waits at a given load.
+
+Open loop (C{--rate R}, requests per second per connection): each connection
+sends on a fixed schedule, one request every 1/R seconds, the connections'
+phases spread evenly over that period (so all of them together send one
+request every 1/(N R) seconds).  A connection holds one request at a time
+(HTTP/1.1, no pipelining): when an answer comes after the next request was
+due, that request goes at once, late.  Latency is measured from the
+I{scheduled} send time, not the actual one, so that lateness counts (no
+coordinated omission).  The measured requests are those scheduled within the
+measured window; every one of them is sent and awaited, even after the
+window has ended.  A connection that falls more than
+C{BEHIND_LIMIT_S} behind its schedule is reported (C{"rate_kept": false}).
 
 It is meant to run in its own process, so that it does not share the
 server's GIL, and prints its figures as one JSON object::
@@ -12,7 +28,9 @@ server's GIL, and prints its figures as one JSON object::
 
 Requests are built from templates: C{--path} and C{--body} may contain
 C{{ID}}, replaced by C{--id-prefix} and a counter (from C{--start-index})
-that is unique per request; without C{{ID}} every request is the same bytes.
+that is unique per request, and C{{CONN}}, replaced by the number of the
+connection sending it (0 to N-1); without either every request is the same
+bytes.
 With C{--count N} it sends exactly N requests (as fast as it can, no
 warm-up) and reports how long they took.  Answers must carry a
 C{Content-Length} (the daemon's and the reference's do).  Only the standard
@@ -34,9 +52,12 @@ from typing import Any
 
 from bench.stats import percentiles_ms
 
-__all__ = ["LoadSpec", "main", "run_load"]
+__all__ = ["BEHIND_LIMIT_S", "LoadSpec", "main", "run_load"]
 
 PLACEHOLDER = b"{ID}"
+CONNECTION_PLACEHOLDER = b"{CONN}"
+#: Open loop: a connection further behind its schedule than this did not keep the rate.
+BEHIND_LIMIT_S = 1.0
 _CONTENT_LENGTH = b"\r\ncontent-length:"
 
 
@@ -56,6 +77,8 @@ class LoadSpec:
     tcp: tuple[str, int] | None = None
     unix: str | None = None
     timeout: float = 30.0
+    #: Requests per second per connection (open loop); None: closed loop.
+    rate: float | None = None
 
 
 class _Load:
@@ -65,11 +88,11 @@ class _Load:
         self.spec = spec
         self.path = spec.path.encode("utf-8")
         self.body = spec.body.encode("utf-8") if spec.body is not None else None
-        self.unique = PLACEHOLDER in self.path or (
-            self.body is not None and PLACEHOLDER in self.body
-        )
+        templates = (self.path, self.body or b"")
+        self.unique = any(PLACEHOLDER in t for t in templates)
+        self.per_connection = any(CONNECTION_PLACEHOLDER in t for t in templates)
         self.next_index = spec.start_index
-        self.fixed = b"" if self.unique else self._build(b"")
+        self.fixed: dict[int, bytes] = {}
         self.issued = 0
         self.latencies: list[float] = []
         self.statuses: Counter[int] = Counter()
@@ -80,31 +103,49 @@ class _Load:
         self.last_completion = 0.0
         self.idle = 0
         self.finished: asyncio.Future[None] | None = None
+        # Open loop only.
+        self.interval = 1.0 / spec.rate if spec.rate else 0.0
+        self.from_send: list[float] = []  # measured: answer - actual send
+        self.send_lags: list[float] = []  # measured: actual send - scheduled send
+        self.timer_lags: list[float] = []  # the same, when the connection was idle
+        self.max_lag = 0.0  # any request, warm-up included
+        self.behind: set[int] = set()  # connections once more than BEHIND_LIMIT_S late
+        self.last_measured_completion = 0.0
 
-    def _build(self, module_id: bytes) -> bytes:
+    def _build(self, module_id: bytes, connection: int) -> bytes:
         path = self.path.replace(PLACEHOLDER, module_id)
+        number = b"%d" % connection
+        path = path.replace(CONNECTION_PLACEHOLDER, number)
         method = self.spec.method.encode("ascii")
         if self.body is None:
             return b"%s %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % (method, path)
-        body = self.body.replace(PLACEHOLDER, module_id)
+        body = self.body.replace(PLACEHOLDER, module_id).replace(CONNECTION_PLACEHOLDER, number)
         return (
             b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (method, path, len(body), body)
         )
 
-    def next_request(self) -> bytes | None:
-        """The next request to send, or None when the run sends no more."""
+    def payload(self, connection: int) -> bytes:
+        """The bytes of the next request that connection number C{connection} sends."""
+        self.issued += 1
+        if not self.unique:
+            key = connection if self.per_connection else 0
+            fixed = self.fixed.get(key)
+            if fixed is None:
+                fixed = self.fixed[key] = self._build(b"", connection)
+            return fixed
+        index = self.next_index
+        self.next_index += 1
+        return self._build(b"%s%d" % (self.spec.id_prefix.encode("utf-8"), index), connection)
+
+    def next_request(self, connection: int) -> bytes | None:
+        """Closed loop: the next request to send, or None when the run sends no more."""
         if self.spec.count is not None:
             if self.issued >= self.spec.count:
                 return None
         elif time.perf_counter() >= self.measure_end:
             return None
-        self.issued += 1
-        if not self.unique:
-            return self.fixed
-        index = self.next_index
-        self.next_index += 1
-        return self._build(b"%s%d" % (self.spec.id_prefix.encode("utf-8"), index))
+        return self.payload(connection)
 
     def completed(self, status: int, sent: float, now: float) -> None:
         self.statuses[status] += 1
@@ -112,6 +153,41 @@ class _Load:
         if self.measure_start <= now <= self.measure_end:
             self.latencies.append(now - sent)
             self.window_statuses[status] += 1
+
+    def first_due(self, connection: int, started: float) -> float:
+        """Open loop: when connection number C{connection} sends its first request."""
+        return started + self.interval * connection / self.spec.connections
+
+    def scheduled_in_window(self, started: float) -> int:
+        """Open loop: how many requests are due in the measured window (as L{_Connection} steps)."""
+        total = 0
+        for connection in range(self.spec.connections):
+            due = self.first_due(connection, started)
+            while due < self.measure_end:
+                if due >= self.measure_start:
+                    total += 1
+                due += self.interval
+        return total
+
+    def sent_late(self, connection: int, lag: float) -> None:
+        """Open loop: a request went C{lag} seconds after it was due."""
+        if lag > self.max_lag:
+            self.max_lag = lag
+        if lag > BEHIND_LIMIT_S:
+            self.behind.add(connection)
+
+    def completed_open(self, status: int, due: float, sent: float, now: float, timer: bool) -> None:
+        """Open loop: an answer to the request due at C{due}, sent at C{sent}."""
+        self.statuses[status] += 1
+        self.last_completion = now
+        if self.measure_start <= due < self.measure_end:
+            self.latencies.append(now - due)
+            self.from_send.append(now - sent)
+            self.send_lags.append(sent - due)
+            if timer:
+                self.timer_lags.append(sent - due)
+            self.window_statuses[status] += 1
+            self.last_measured_completion = max(self.last_measured_completion, now)
 
     def went_idle(self) -> None:
         self.idle += 1
@@ -124,10 +200,11 @@ class _Load:
 
 
 class _Connection(asyncio.Protocol):
-    """One persistent connection sending requests back to back."""
+    """One persistent connection: requests back to back, or on a schedule (open loop)."""
 
-    def __init__(self, load: _Load) -> None:
+    def __init__(self, load: _Load, number: int) -> None:
         self.load = load
+        self.number = number
         self.transport: Any = None
         self.buffer = bytearray()
         self.need = -1
@@ -135,12 +212,18 @@ class _Connection(asyncio.Protocol):
         self.sent = 0.0
         self.busy = False
         self.done = False
+        # Open loop: when the next request is due, when the one in flight was,
+        # whether it waited for its time (the connection was idle) and the timer.
+        self.due = 0.0
+        self.in_flight_due = 0.0
+        self.timed = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def send_next(self) -> None:
-        request = self.load.next_request()
+        request = self.load.next_request(self.number)
         if request is None:
             self.busy = False
             self.done = True
@@ -148,6 +231,39 @@ class _Connection(asyncio.Protocol):
             return
         self.busy = True
         self.sent = time.perf_counter()
+        self.transport.write(request)
+
+    def start_schedule(self, started: float) -> None:
+        """Open loop: start sending on this connection's schedule."""
+        self.due = self.load.first_due(self.number, started)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Open loop: send the next request when it is due (at once if it is late)."""
+        self.busy = False
+        if self.done:
+            return
+        if self.due >= self.load.measure_end:
+            self.done = True
+            self.load.went_idle()
+            return
+        delay = self.due - time.perf_counter()
+        if delay > 0:
+            self.timer = asyncio.get_running_loop().call_later(delay, self._fire, True)
+        else:
+            self._fire(False)
+
+    def _fire(self, timed: bool) -> None:
+        self.timer = None
+        if self.done:
+            return
+        request = self.load.payload(self.number)
+        self.busy = True
+        self.timed = timed
+        self.in_flight_due = self.due
+        self.sent = time.perf_counter()
+        self.load.sent_late(self.number, self.sent - self.due)
+        self.due += self.load.interval
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
@@ -175,12 +291,23 @@ class _Connection(asyncio.Protocol):
             return
         buffer.clear()
         self.need = -1
-        self.load.completed(self.status, self.sent, now)
-        self.send_next()
+        if self.load.interval:
+            self.load.completed_open(self.status, self.in_flight_due, self.sent, now, self.timed)
+            self._arm()
+        else:
+            self.load.completed(self.status, self.sent, now)
+            self.send_next()
+
+    def stop(self) -> None:
+        """Send nothing more."""
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _fail(self, reason: str) -> None:
         if not self.done:
-            self.done = True
+            self.stop()
             self.load.failed(reason)
         if self.transport is not None:
             self.transport.abort()
@@ -191,6 +318,8 @@ class _Connection(asyncio.Protocol):
 
 
 async def _run(spec: LoadSpec) -> dict[str, Any]:
+    if spec.rate is not None and (spec.rate <= 0 or spec.count is not None):
+        raise ValueError("an open-loop rate must be positive, and excludes a count")
     loop = asyncio.get_running_loop()
     load = _Load(spec)
     load.finished = loop.create_future()
@@ -217,18 +346,21 @@ async def _run(spec: LoadSpec) -> dict[str, Any]:
                 sock.close()
                 raise
 
-    async def connect() -> _Connection:
+    async def connect(number: int) -> _Connection:
         if spec.unix is not None:
             sock = await connect_unix(spec.unix)
-            _, protocol = await loop.create_unix_connection(lambda: _Connection(load), sock=sock)
+            _, protocol = await loop.create_unix_connection(
+                lambda: _Connection(load, number), sock=sock
+            )
         else:
             assert spec.tcp is not None
             sock = socket.create_connection(spec.tcp, timeout=spec.timeout)
-            _, protocol = await loop.create_connection(lambda: _Connection(load), sock=sock)
+            _, protocol = await loop.create_connection(lambda: _Connection(load, number), sock=sock)
         return protocol
 
-    connections = [await connect() for _ in range(spec.connections)]
+    connections = [await connect(number) for number in range(spec.connections)]
     started = time.perf_counter()
+    scheduled = 0
     if spec.count is None:
         load.measure_start = started + spec.warmup
         load.measure_end = load.measure_start + spec.duration
@@ -236,25 +368,33 @@ async def _run(spec: LoadSpec) -> dict[str, Any]:
     else:
         load.measure_start = started
         limit = spec.timeout
-    for connection in connections:
-        connection.send_next()
+    if load.interval:
+        scheduled = load.scheduled_in_window(started)
+        for connection in connections:
+            connection.start_schedule(started)
+    else:
+        for connection in connections:
+            connection.send_next()
     try:
         await asyncio.wait_for(asyncio.shield(load.finished), limit)
     except asyncio.TimeoutError:
         busy = sum(1 for c in connections if c.busy)
         load.errors.append(f"timed out with {busy} requests unanswered")
     for connection in connections:
-        connection.done = True
+        connection.stop()
         if connection.transport is not None:
             connection.transport.close()
     await asyncio.sleep(0)
 
-    if spec.count is None:
-        window = spec.duration
-        measured = len(load.latencies)
-    else:
+    measured = len(load.latencies)
+    if spec.count is not None:
         window = max(load.last_completion - started, 1e-9)
-        measured = len(load.latencies)
+    elif load.interval:
+        # Answers to requests due in the window may come after it: when the
+        # server falls behind, the rate achieved is over the longer time.
+        window = max(spec.duration, load.last_measured_completion - load.measure_start)
+    else:
+        window = spec.duration
     result: dict[str, Any] = {
         "generator": "python",
         "connections": spec.connections,
@@ -268,7 +408,37 @@ async def _run(spec: LoadSpec) -> dict[str, Any]:
     }
     if load.latencies:
         result.update(percentiles_ms(load.latencies))
+    if load.interval:
+        assert spec.rate is not None
+        result.update(_open_loop_figures(load, spec.rate, scheduled))
     return result
+
+
+def _open_loop_figures(load: _Load, rate: float, scheduled: int) -> dict[str, Any]:
+    """What an open-loop run adds: the schedule, whether it was kept, and where time went."""
+    unanswered = scheduled - len(load.latencies)
+    out: dict[str, Any] = {
+        "mode": "open",
+        "rate_per_connection": rate,
+        "target_rps": rate * load.spec.connections,
+        "scheduled": scheduled,
+        "unanswered": unanswered,
+        "behind_limit_s": BEHIND_LIMIT_S,
+        "behind_connections": len(load.behind),
+        "max_send_lag_ms": load.max_lag * 1000.0,
+        "rate_kept": not load.behind and unanswered == 0,
+    }
+    # Latency from the actual send (what a closed-loop generator reports),
+    # how late requests went out, and how late the generator's own timers
+    # fired when the connection was idle (the generator's share of latency).
+    for name, samples in (
+        ("from_send", load.from_send),
+        ("send_lag", load.send_lags),
+        ("timer_lag", load.timer_lags),
+    ):
+        if samples:
+            out[name] = percentiles_ms(samples)
+    return out
 
 
 def run_load(spec: LoadSpec) -> dict[str, Any]:
@@ -290,7 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     where.add_argument("--unix", metavar="PATH")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--path", default="/api/v1/health")
-    parser.add_argument("--body", default=None, help="request body (JSON); {ID} is replaced")
+    parser.add_argument(
+        "--body", default=None, help="request body (JSON); {ID} and {CONN} are replaced"
+    )
     parser.add_argument("--id-prefix", default="m")
     parser.add_argument("--start-index", type=int, default=0)
     parser.add_argument("--connections", type=int, default=1)
@@ -298,7 +470,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds")
     parser.add_argument("--count", type=int, default=None, help="send exactly this many")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds of grace")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: requests per second per connection, on a fixed schedule, "
+        "latency measured from the scheduled send time (default: closed loop)",
+    )
     args = parser.parse_args(argv)
+    if args.rate is not None:
+        if not args.rate > 0:
+            parser.error("--rate must be positive")
+        if args.count is not None:
+            parser.error("--rate and --count do not go together")
     tcp = None
     if args.tcp is not None:
         host, _, port = args.tcp.rpartition(":")
@@ -316,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         tcp=tcp,
         unix=args.unix,
         timeout=args.timeout,
+        rate=args.rate,
     )
     result = run_load(spec)
     json.dump(result, sys.stdout)

@@ -125,6 +125,9 @@ def _store(results: dict[str, Any]) -> list[str]:
         "publish = the same module republished (steady state); publish_new = a new module "
         "per request (the registry grows); one daemon per store and operation."
     )
+    paced = st.get("paced")
+    if paced is not None:
+        lines.extend(_paced(paced))
     counted = st["sync_counter"] is not None
     lines.append(
         "SQLite commits: publishes acknowledged (2xx, warm-ups included) and the daemon's "
@@ -147,6 +150,16 @@ def _store(results: dict[str, Any]) -> list[str]:
                 f"{syncs if syncs is not None else '-':>10} "
                 f"{format(per, '8.2f') if per is not None else '-':>8}"
             )
+    if paced is not None:
+        for rate, cell in paced["sqlite"].items():
+            syncs = cell["fdatasyncs"]
+            per = cell["publishes_per_fdatasync"]
+            lines.append(
+                f"{'paced ' + rate + '/s':<12} {paced['connections']:>4} "
+                f"{cell['acknowledged']:>12} "
+                f"{syncs if syncs is not None else '-':>10} "
+                f"{format(per, '8.2f') if per is not None else '-':>8}"
+            )
     for operation, f in st["sqlite_files"].items():
         what = (
             "1 module republished"
@@ -162,12 +175,61 @@ def _store(results: dict[str, Any]) -> list[str]:
             f"rows in the {operation} file after the run: {f['rows']} for {what}{slack}: "
             f"{'ok' if f['ok'] else 'MISMATCH'} ({_mib(f['bytes'] / 1024)} MiB)"
         )
+    if paced is not None:
+        f = paced["sqlite_file"]
+        lines.append(
+            f"rows in the paced file after the run: {f['rows']} for {f['modules']} modules "
+            f"republished: {'ok' if f['ok'] else 'MISMATCH'} ({_mib(f['bytes'] / 1024)} MiB)"
+        )
     bad = {name: code for name, code in st["exit_status"].items() if code != 0}
     if bad:
         lines.append(
             "daemons that did not exit 0 on SIGTERM: "
             + ", ".join(f"{name} ({code})" for name, code in bad.items())
         )
+    return lines
+
+
+def _paced(paced: dict[str, Any]) -> list[str]:
+    """The store section's part "64 publishers at a fixed rate"."""
+    n = paced["connections"]
+    lines = [
+        "",
+        f"{n} publishers at a fixed rate (open loop; {paced['generator']} generator over "
+        f"{paced['transport'].upper()}): {n} connections, each republishing its own module "
+        f"({paced['modules']} modules of {paced['apis_per_module']} APIs),",
+        "with a new metadata value on every publish (each one a change the store writes), on "
+        "a fixed schedule, phases spread evenly; latency from the scheduled send time",
+        f"(a late send counts); median of {paced['runs']} runs of {paced['duration']:g} s, each "
+        f"after a {paced['warmup']:g} s warm-up.  Target: p99 < {paced['target_p99_ms']:g} ms.",
+        f"{'rate/s':>6} {'store':<6} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} {'sent p99':>8} {'gen lag':>8}  {'rate kept':<9}  verdict",
+    ]
+    for rate in paced["memory"]:
+        for store in ("memory", "sqlite"):
+            cell = paced[store][rate]
+            if cell["rate_kept"]:
+                kept = "yes"
+            else:
+                kept = f"NO ({cell['behind_connections']} behind, {cell['unanswered']} unanswered)"
+            row = (
+                f"{rate:>6} {store:<6} {cell['rps']:8.0f} {cell['p50_ms']:8.3f} "
+                f"{cell['p90_ms']:8.3f} {cell['p99_ms']:8.3f} {cell['max_ms']:8.3f} "
+                f"{cell['from_send_p99_ms']:8.3f} {cell['timer_lag_p99_ms']:8.3f}  {kept:<9}  "
+                "p99 " + ("ok" if cell["verdict"]["p99_ok"] else "OVER")
+            )
+            if cell["non_2xx"] or cell["error_count"]:
+                row += f"  !{cell['non_2xx']} non-2xx, {cell['error_count']} errors"
+            lines.append(row)
+    lines.append(
+        "rate kept = in every run, no connection more than "
+        f"{paced['behind_limit_s']:g} s behind its schedule and every scheduled request "
+        "answered; sent p99 = p99 from the actual send"
+    )
+    lines.append(
+        "(what a closed-loop generator would report); gen lag = p99 of how late the "
+        "generator's timer sent a request to an idle connection (its own share of the latency)."
+    )
     return lines
 
 

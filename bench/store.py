@@ -11,8 +11,23 @@ Operations (as in L{bench.throughput}):
 - C{publish_new}: a new module ID per request (the registry, and the SQLite
   file, grow).
 
-Each store and operation has a daemon of its own (four in all), so that
-growth touches nothing else.  Every measured run follows its own warm-up;
+64 publishers at a fixed rate (C{paced}): the figures above come from
+closed-loop generators, whose latency at 64 connections is bounded below by
+64 / throughput (Little's law).  Real publishers publish now and then, so
+this part loads each store open loop (L{bench.loadgen} C{--rate}): 64
+connections, each republishing its own module (64 module IDs, 2 APIs each)
+on a fixed schedule, every publish with a new metadata value so that each is
+a change the store writes (an identical re-publish is a heartbeat, which the
+daemon does not write), at a few fixed total rates (L{PACED_RATES}); latency
+is measured from each request's scheduled send time, so a request held up
+by a slow one before it counts its wait.  The Python generator does it over
+TCP (wrk 4 has no open loop).  Reported: req/s achieved, latency, whether
+the rate was kept (no connection ever more than
+L{bench.loadgen.BEHIND_LIMIT_S} behind its schedule, every scheduled request
+answered) and the verdict p99 < L{TARGET_P99_MS} ms, for both stores.
+
+Each store and operation has a daemon of its own (six in all, counting the
+paced part's), so that growth touches nothing else.  Every measured run follows its own warm-up;
 runs take turns (run 1 of every cell, then run 2, ...; the two stores of a
 cell back to back), so noise on the shared machine spreads over all of them,
 and each figure is the median of its runs.  Load comes from wrk where
@@ -56,16 +71,22 @@ from typing import Any
 
 from bench import wrk
 from bench.daemon import Server, Workspace, log_tail, start_daemon, stop_process
+from bench.loadgen import BEHIND_LIMIT_S
+from bench.stats import median
 from bench.throughput import Settings, request_for, summarise
+from bench.workload import PUBLISH_PATH, paced_publish_template
 
 __all__ = [
     "CONCURRENCY",
     "OPERATIONS",
+    "PACED_CONNECTIONS",
+    "PACED_RATES",
     "RATIO_FIGURES",
     "STORES",
     "TARGET_P99_CONCURRENCY",
     "TARGET_P99_MS",
     "TARGET_RPS_RATIO",
+    "PacedSettings",
     "measure_store",
 ]
 
@@ -81,6 +102,33 @@ TARGET_RPS_RATIO = 0.5
 SYNC_EVENTS = ("syscalls:sys_enter_fdatasync", "syscalls:sys_enter_fsync")
 PERF_INTERVAL_MS = 100
 PERF_ATTACH_TIMEOUT = 10.0
+#: The paced part: this many publishers (connections, each its own module)...
+PACED_CONNECTIONS = 64
+#: ... at these total rates (requests per second, all connections together).
+PACED_RATES = (1000.0, 2000.0)
+PACED = "paced"
+
+
+@dataclass(frozen=True)
+class PacedSettings:
+    """The paced part: total rates, and how long each run and its warm-up last."""
+
+    rates: tuple[float, ...] = PACED_RATES
+    duration: float = 4.0
+    warmup: float = 1.0
+    connections: int = PACED_CONNECTIONS
+
+
+@dataclass(frozen=True)
+class _PacedCell:
+    """One thing to measure in the paced part: a store at a total rate."""
+
+    store: str
+    rate: float
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.store, PACED, int(self.rate))
 
 
 @dataclass(frozen=True)
@@ -155,6 +203,29 @@ def _load(
     )
     figures = json.loads(out)
     return figures, _acknowledged(figures), cell.connections
+
+
+def _load_paced(
+    workspace: Workspace, server: Server, cell: _PacedCell, paced: PacedSettings, prefix: str
+) -> tuple[dict[str, Any], int]:
+    """One open-loop run (warm-up and measured window): its figures and its 2xx answers."""
+    args = [
+        *server.target("tcp").loadgen_args(),
+        "--method=POST",
+        f"--path={PUBLISH_PATH}",
+        f"--body={paced_publish_template()}",
+        f"--connections={paced.connections}",
+        f"--rate={cell.rate / paced.connections!r}",
+        f"--warmup={paced.warmup}",
+        f"--duration={paced.duration}",
+        f"--id-prefix={prefix}",
+        "--timeout=30",
+    ]
+    # Answers to requests due in the window may come after it (a server
+    # behind its schedule): up to the generator's grace of 30 s more.
+    out = workspace.run_python("bench.loadgen", args, timeout=paced.warmup + paced.duration + 60)
+    figures: dict[str, Any] = json.loads(out)
+    return figures, _acknowledged(figures)
 
 
 class SyncCounter:
@@ -243,11 +314,13 @@ class SyncCounter:
         return total
 
 
-def _start_daemons(workspace: Workspace) -> tuple[dict[tuple[str, str], Server], dict[str, str]]:
+def _start_daemons(
+    workspace: Workspace, paced: bool
+) -> tuple[dict[tuple[str, str], Server], dict[str, str]]:
     daemons: dict[tuple[str, str], Server] = {}
     paths: dict[str, str] = {}
     try:
-        for operation in OPERATIONS:
+        for operation in (*OPERATIONS, PACED) if paced else OPERATIONS:
             for store in STORES:
                 args = ["--max-modules=100000000"]
                 if store == "sqlite":
@@ -283,16 +356,20 @@ def measure_store(
     workspace: Workspace,
     settings: Settings,
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    paced: PacedSettings | None = None,
 ) -> dict[str, Any]:
     """
-    Measure publish on each store, C{settings.runs} times per cell.
+    Measure publish on each store, C{settings.runs} times per cell, and (with
+    C{paced}) the paced part as many times.
 
     @return: C{{"memory": {operation: {str(connections): summary}}, "sqlite":
-        {...}, "sqlite_files": {operation: {...}}, ...}}: each summary has the
-        C{generator}, median C{rps}, C{p50_ms}, C{p90_ms}, C{p99_ms} and
-        C{max_ms}, the runs, error counts and C{acknowledged}; a SQLite one
-        also C{ratio_to_memory} (per figure), C{fdatasyncs} (None when not
-        counted), C{publishes_per_fdatasync} and C{verdict}.
+        {...}, "sqlite_files": {operation: {...}}, "paced": {...}, ...}}: each
+        summary has the C{generator}, median C{rps}, C{p50_ms}, C{p90_ms},
+        C{p99_ms} and C{max_ms}, the runs, error counts and C{acknowledged}; a
+        SQLite one also C{ratio_to_memory} (per figure), C{fdatasyncs} (None
+        when not counted), C{publishes_per_fdatasync} and C{verdict}.  The
+        paced part (see L{_paced_result}) has C{memory} and C{sqlite}, each
+        C{{str(int(total rate)): summary}}.
     """
     generator = "wrk" if settings.use_wrk else "python"
     cells = [
@@ -301,22 +378,34 @@ def measure_store(
         for connections in CONCURRENCY
         for store in STORES
     ]
-    outcomes = {cell.key: _Outcome([]) for cell in cells}
+    paced_cells = (
+        [_PacedCell(store, rate) for rate in paced.rates for store in STORES] if paced else []
+    )
+    every: list[_Cell | _PacedCell] = [*cells, *paced_cells]
+    outcomes = {cell.key: _Outcome([]) for cell in every}
     counter = SyncCounter(workspace)
-    daemons, paths = _start_daemons(workspace)
+    daemons, paths = _start_daemons(workspace, paced is not None)
     exit_status: dict[str, int | None] = {}
     try:
         for run in range(settings.runs):
-            for cell in cells:
+            for cell in every:
                 for server in daemons.values():
                     server.check_alive()
-                server = daemons[(cell.store, cell.operation)]
-                prefix = f"s{cell.connections}r{run}-"
+                operation = PACED if isinstance(cell, _PacedCell) else cell.operation
+                server = daemons[(cell.store, operation)]
                 counting = cell.store == "sqlite" and counter.start(server.pid)
                 try:
-                    figures, acknowledged, in_flight = _load(
-                        workspace, server, cell, settings, prefix
-                    )
+                    if isinstance(cell, _PacedCell):
+                        assert paced is not None
+                        # A new metadata value per request, in every run.
+                        prefix = f"p{cell.rate:g}r{run}-"
+                        figures, acknowledged = _load_paced(workspace, server, cell, paced, prefix)
+                        in_flight = 0
+                    else:
+                        prefix = f"s{cell.connections}r{run}-"
+                        figures, acknowledged, in_flight = _load(
+                            workspace, server, cell, settings, prefix
+                        )
                 finally:
                     syncs = counter.stop() if counting else None
                 outcome = outcomes[cell.key]
@@ -325,10 +414,23 @@ def measure_store(
                 outcome.in_flight_bound += in_flight
                 if outcome.fdatasyncs is not None:
                     outcome.fdatasyncs = None if syncs is None else outcome.fdatasyncs + syncs
+                if isinstance(cell, _PacedCell):
+                    assert paced is not None
+                    what = (
+                        f"{PACED + ' ' + format(cell.rate, 'g') + '/s':<11} {cell.store:<6} "
+                        f"c={paced.connections:<2} python"
+                    )
+                    kept = "" if figures.get("rate_kept") else "  rate NOT kept"
+                else:
+                    what = (
+                        f"{cell.operation:<11} {cell.store:<6} "
+                        f"c={cell.connections:<2} {cell.generator:<6}"
+                    )
+                    kept = ""
                 progress(
-                    f"  run {run + 1}/{settings.runs} {cell.operation:<11} {cell.store:<6} "
-                    f"c={cell.connections:<2} {cell.generator:<6} {figures['rps']:9.0f} req/s"
+                    f"  run {run + 1}/{settings.runs} {what} {figures['rps']:9.0f} req/s"
                     f"  p99 {figures.get('p99_ms', 0.0):7.2f} ms"
+                    + kept
                     + (
                         f"  ({figures['non_2xx']} non-2xx, {figures['error_count']} errors)"
                         if figures.get("non_2xx") or figures.get("error_count")
@@ -386,6 +488,8 @@ def measure_store(
         }
     files: dict[str, Any] = {}
     for operation, path in paths.items():
+        if operation == PACED:
+            continue
         acknowledged = sum(outcomes[("sqlite", operation, c)].acknowledged for c in CONCURRENCY)
         in_flight = sum(outcomes[("sqlite", operation, c)].in_flight_bound for c in CONCURRENCY)
         rows, size = _count_rows(path)
@@ -400,4 +504,84 @@ def measure_store(
             "ok": expected <= rows <= expected + (0 if operation == "publish" else in_flight),
         }
     result["sqlite_files"] = files
+    if paced is not None:
+        result[PACED] = _paced_result(paced, settings.runs, outcomes, paths[PACED])
     return result
+
+
+def _paced_summary(outcome: _Outcome, rate: float, paced: PacedSettings) -> dict[str, Any]:
+    """The median figures of a paced cell's runs, and whether every run kept the rate."""
+    runs = outcome.runs
+    summary = summarise(runs, "python")
+    summary["target_rps"] = rate
+    summary["rate_per_connection"] = rate / paced.connections
+    summary["acknowledged"] = outcome.acknowledged
+    summary["scheduled"] = sum(int(r.get("scheduled", 0)) for r in runs)
+    summary["unanswered"] = sum(int(r.get("unanswered", 0)) for r in runs)
+    summary["rate_kept"] = all(bool(r.get("rate_kept")) for r in runs)
+    summary["behind_connections"] = max(int(r.get("behind_connections", 0)) for r in runs)
+    summary["max_send_lag_ms"] = max(float(r.get("max_send_lag_ms", 0.0)) for r in runs)
+    # Diagnostics (medians over the runs): p99 measured from the actual send,
+    # as a closed-loop generator would, and p99 of how late the generator's
+    # own timers fired (its share of the latency measured from the schedule).
+    for name in ("from_send", "timer_lag"):
+        values = [r[name]["p99_ms"] for r in runs if name in r]
+        summary[f"{name}_p99_ms"] = median(values) if values else 0.0
+    summary["verdict"] = {
+        "p99_ok": summary["p99_ms"] < TARGET_P99_MS,
+        "rate_ok": summary["rate_kept"],
+    }
+    for index, run in enumerate(runs):
+        summary["runs"][index].update(
+            {k: run[k] for k in ("rate_kept", "max_send_lag_ms", "unanswered") if k in run}
+        )
+    return summary
+
+
+def _paced_result(
+    paced: PacedSettings,
+    runs: int,
+    outcomes: dict[tuple[str, str, int], _Outcome],
+    path: str,
+) -> dict[str, Any]:
+    """The paced part: its settings, a summary per store and rate, and the SQLite file."""
+    out: dict[str, Any] = {
+        "transport": "tcp",
+        "generator": "python",
+        "mode": "open loop",
+        "connections": paced.connections,
+        "modules": paced.connections,
+        "apis_per_module": 2,
+        "rates": [int(rate) for rate in paced.rates],
+        "runs": runs,
+        "duration": paced.duration,
+        "warmup": paced.warmup,
+        "behind_limit_s": BEHIND_LIMIT_S,
+        "target_p99_ms": TARGET_P99_MS,
+    }
+    for store in STORES:
+        out[store] = {
+            str(int(rate)): _paced_summary(outcomes[(store, PACED, int(rate))], rate, paced)
+            for rate in paced.rates
+        }
+    for rate in paced.rates:
+        key = str(int(rate))
+        summary = out["sqlite"][key]
+        memory = out["memory"][key]
+        summary["ratio_to_memory"] = {
+            figure: _ratio(summary[figure], memory[figure]) for figure in RATIO_FIGURES
+        }
+        syncs = outcomes[("sqlite", PACED, int(rate))].fdatasyncs
+        summary["fdatasyncs"] = syncs
+        summary["publishes_per_fdatasync"] = (
+            _ratio(summary["acknowledged"], syncs) if syncs is not None else None
+        )
+    rows, size = _count_rows(path)
+    out["sqlite_file"] = {
+        "rows": rows,
+        "modules": paced.connections,
+        "acknowledged": sum(out["sqlite"][str(int(rate))]["acknowledged"] for rate in paced.rates),
+        "bytes": size,
+        "ok": rows == paced.connections,
+    }
+    return out

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, NoReturn
 
@@ -36,6 +37,7 @@ from hsu_registry.client.errors import (
     ModuleNotFound,
     RegistryError,
     RegistryRejected,
+    RegistryUnavailable,
 )
 from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
 from hsu_registry.client.urls import DEFAULT_URL, ENVIRONMENT_VARIABLE, parse_registry_url
@@ -246,6 +248,15 @@ def _build_parser(stdout: IO[str]) -> _Parser:
     discover = command("discover", "Show a module's APIs.")
     discover.add_argument("module", metavar="MODULE", help="the module ID")
 
+    watch = command("watch", "Print the registry's changes as they come (Ctrl-C to stop).")
+    watch.add_argument(
+        "--count",
+        type=_positive_count,
+        default=None,
+        metavar="N",
+        help="exit after N changes (default: run until interrupted)",
+    )
+
     unpublish = command("unpublish", "Remove a module's registration.")
     unpublish.add_argument("module", metavar="MODULE", help="the module ID")
     unpublish.add_argument(
@@ -345,7 +356,59 @@ def _plan_unpublish(args: argparse.Namespace) -> _Action:
     return unpublish
 
 
+def _positive_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return int(value)
+
+
+def _plan_watch(args: argparse.Namespace) -> _Action:
+    def unused(client: BlockingRegistryClient) -> _Outcome:
+        raise AssertionError("watch streams: see _watch")
+
+    return unused
+
+
+def _watch(
+    client: BlockingRegistryClient, args: argparse.Namespace, out: IO[str], err: IO[str]
+) -> int:
+    """Print each change as it comes; resume by itself after a lost stream."""
+    last: int | None = None
+    epoch: str | None = None
+    changes = 0
+    connected_once = False
+    while True:
+        try:
+            for event in client.watch_events(last, epoch):
+                connected_once = True
+                if args.json:
+                    record = {"index": event.index, "event": event.kind, "data": event.data}
+                    print(json.dumps(record), file=out, flush=True)
+                elif event.kind in ("hello", "resync"):
+                    note = "changes were missed: reload" if event.kind == "resync" else "watching"
+                    print(
+                        f"# {note} {client.address.url} at index {event.index} "
+                        f"(epoch {event.epoch})",
+                        file=out,
+                        flush=True,
+                    )
+                else:
+                    print(f"{event.index}\t{event.kind}\t{event.module_id}", file=out, flush=True)
+                last, epoch = event.index, event.epoch or epoch
+                if event.kind not in ("hello", "resync"):
+                    changes += 1
+                    if args.count is not None and changes >= args.count:
+                        return EXIT_OK
+        except RegistryUnavailable as e:
+            if not connected_once:
+                print(f"{PROG}: {_one_line(e)}", file=err)
+                return EXIT_UNAVAILABLE
+            print(f"{PROG}: {_one_line(e)}; resuming from index {last}", file=err, flush=True)
+            threading.Event().wait(1.0)  # a command-line pause, no reactor here
+
+
 _COMMANDS: Mapping[str, Callable[[argparse.Namespace], _Action]] = {
+    "watch": _plan_watch,
     "health": _plan_health,
     "publish": _plan_publish,
     "discover": _plan_discover,
@@ -424,6 +487,8 @@ def run(
         return e.status
 
     try:
+        if args.command == "watch":
+            return _watch(client, args, out, err)
         outcome = action(client)
     except ModuleNotFound as e:
         return fail(EXIT_NOT_FOUND, e)

@@ -202,7 +202,10 @@ class RegistryService(MultiService):
         # stopping the listeners does not close the connections they hold.
         self.api.watchers.close()
         self.api.changelog.close()
-        return super().stopService()
+        stopped: Deferred[Any] = super().stopService()
+        # The listeners are down: end the connections they accepted, so no
+        # kept-alive client goes on talking to a stopped registry.
+        return stopped.addCallback(lambda _: self.site.close_connections())
 
     def resource(self) -> IResource:
         """The API as a resource, for mounting under a host application's Site."""

@@ -15,10 +15,13 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HSU_REGISTRY = os.path.join(os.path.dirname(sys.executable), "hsu-registry")
@@ -35,6 +38,19 @@ GC_PHASES = ("start-up", "publish", "republish", "discover", "other")
 GC_QUICK_MODULES = 2000
 STORES = ("memory", "sqlite")
 STORE_OPERATIONS = ("publish", "publish_new")
+PACED_QUICK_RATE = "200"
+PACED_FIGURES = (
+    "rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "target_rps",
+    "rate_per_connection",
+    "max_send_lag_ms",
+    "from_send_p99_ms",
+    "timer_lag_p99_ms",
+)
 
 
 class _Collect(ProcessProtocol):
@@ -83,10 +99,12 @@ class QuickBenchmarkTests(TestCase):
         the unix socket at concurrency 1 and 64 (each with its reference
         ratio), publish on the memory and the SQLite store (each SQLite figure
         with its ratio to the memory store's, and every acknowledged new
-        module found in the SQLite file), memory (with the idle RSS of a bare
-        Klein process and the ratio to it), start-up, cleanup and
-        garbage-collector pauses (a frozen and a not frozen daemon, each
-        holding the 2 000 modules it was given).
+        module found in the SQLite file), 64 publishers at a fixed rate on
+        each store (open loop: req/s achieved, latency, whether the rate was
+        kept and the verdict; the 64 modules in the SQLite file), memory
+        (with the idle RSS of a bare Klein process and the ratio to it),
+        start-up, cleanup and garbage-collector pauses (a frozen and a not
+        frozen daemon, each holding the 2 000 modules it was given).
         """
         if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
             raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
@@ -103,6 +121,7 @@ class QuickBenchmarkTests(TestCase):
         for heading in (
             "Throughput",
             "Store",
+            "64 publishers at a fixed rate",
             "SQLite commits",
             "Memory",
             "Start-up",
@@ -164,6 +183,34 @@ class QuickBenchmarkTests(TestCase):
         self.assertEqual(store["sqlite_files"]["publish"]["rows"], 1)
         self.assertEqual(set(store["exit_status"].values()), {0})
 
+        paced = store["paced"]
+        self.assertEqual(paced["generator"], "python")
+        self.assertEqual((paced["connections"], paced["modules"]), (64, 64))
+        self.assertEqual(paced["rates"], [int(PACED_QUICK_RATE)])
+        for name in STORES:
+            where = f"paced {name} {PACED_QUICK_RATE}/s"
+            cell = paced[name][PACED_QUICK_RATE]
+            for figure in PACED_FIGURES:
+                self.assertNumber(cell[figure], f"{where} {figure}")
+            self.assertEqual(cell["target_rps"], float(PACED_QUICK_RATE), where)
+            self.assertGreater(cell["requests"], 0, where)
+            self.assertEqual(cell["requests"], cell["scheduled"] - cell["unanswered"], where)
+            self.assertEqual((cell["non_2xx"], cell["error_count"]), (0, 0), where)
+            self.assertGreaterEqual(cell["acknowledged"], cell["requests"], where)
+            self.assertIsInstance(cell["rate_kept"], bool, where)
+            self.assertIsInstance(cell["behind_connections"], int, where)
+            self.assertIsInstance(cell["verdict"]["p99_ok"], bool, where)
+            self.assertIsInstance(cell["verdict"]["rate_ok"], bool, where)
+        cell = paced["sqlite"][PACED_QUICK_RATE]
+        for figure in LATENCY:
+            self.assertNumber(cell["ratio_to_memory"][figure], f"paced sqlite ratio {figure}")
+        if cell["fdatasyncs"] is not None:
+            self.assertIsInstance(cell["fdatasyncs"], int, "paced sqlite")
+            self.assertNumber(cell["publishes_per_fdatasync"], "paced sqlite")
+        # Every publisher's own module, once each: 64 rows however often republished.
+        self.assertEqual(paced["sqlite_file"]["rows"], 64, paced["sqlite_file"])
+        self.assertTrue(paced["sqlite_file"]["ok"], paced["sqlite_file"])
+
         for transport in TRANSPORTS:
             memory = results["memory"][transport]
             self.assertNumber(memory["idle_kib"], f"memory {transport}")
@@ -221,3 +268,96 @@ class QuickBenchmarkTests(TestCase):
             self.assertEqual(cell["load"]["publish"]["requests"], GC_QUICK_MODULES, mode)
             self.assertEqual(cell["load"]["republish"]["requests"], GC_QUICK_MODULES, mode)
             self.assertGreater(cell["load"]["discover"]["requests"], 0, mode)
+
+
+class _Slow(Resource):
+    """
+    Answers every request with C{ok}, at once except the third request of
+    connection 0 (paths are C{/CONN/ID}), held for C{hold} seconds; records
+    the paths.
+    """
+
+    isLeaf = True
+
+    def __init__(self, hold: float) -> None:
+        super().__init__()
+        self.hold = hold
+        self.paths: list[bytes] = []
+
+    def render_GET(self, request: Request) -> Any:
+        self.paths.append(request.path)
+        request.setHeader(b"content-length", b"2")
+        mine = [p for p in self.paths if p.startswith(b"/0/")]
+        if request.path.startswith(b"/0/") and len(mine) == 3:
+
+            def answer() -> None:
+                request.write(b"ok")
+                request.finish()
+
+            reactor.callLater(self.hold, answer)
+            return NOT_DONE_YET
+        return b"ok"
+
+
+class OpenLoopTests(TestCase):
+    """C{python -m bench.loadgen --rate}: requests on a schedule, latency from it."""
+
+    timeout = 60
+
+    async def test_lateness_counts(self) -> None:
+        """
+        Two connections at 10 requests per second each for 2 s (no warm-up)
+        send 40 requests, each with its connection's number and its own ID;
+        when one answer is held for 1.2 s, the requests of that connection
+        that fell due meanwhile go late, and their latency counts from when
+        they were due (not from when they went): many are slow, not one, the
+        connection is reported more than 1 s behind its schedule, and still
+        every request due is sent and answered.
+        """
+        hold = 1.2
+        resource = _Slow(hold)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+        self.addCleanup(port.stopListening)
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--tcp",
+            f"127.0.0.1:{port.getHost().port}",
+            "--path=/{CONN}/{ID}",
+            "--id-prefix=x",
+            "--connections=2",
+            "--rate=10",
+            "--warmup=0",
+            "--duration=2",
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        protocol = _Collect()
+        reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=REPO)
+        ended = protocol.ended
+        ended.addTimeout(45, reactor)
+        out, err, code = await ended
+        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+        result = json.loads(out)
+
+        self.assertEqual(result["mode"], "open")
+        self.assertEqual(result["scheduled"], 40)
+        self.assertEqual(result["requests"], 40)
+        self.assertEqual(result["unanswered"], 0)
+        self.assertEqual(result["statuses"], {"200": 40})
+        self.assertEqual(len(resource.paths), 40)
+        self.assertEqual(len(set(resource.paths)), 40)
+        for number in (b"0", b"1"):
+            self.assertEqual(sum(1 for p in resource.paths if p.split(b"/")[1] == number), 20)
+        self.assertEqual(result["target_rps"], 20.0)
+        # Held from 0.2 s to at least 1.4 s: the requests due at 0.3 s to
+        # 1.3 s went at 1.4 s or later, 1.1 s to 0.1 s late.  Counted from
+        # when they were due, 12 of the 40 took 0.1 s or more, and the p90
+        # is among the 5 slowest (at least 0.8 s); counted from when they
+        # went, only the held one is slow.
+        self.assertGreaterEqual(result["max_ms"], hold * 1000)
+        self.assertGreaterEqual(result["p90_ms"], 800)
+        self.assertGreaterEqual(result["from_send"]["max_ms"], hold * 1000)
+        self.assertGreaterEqual(result["max_send_lag_ms"], 1000)
+        self.assertFalse(result["rate_kept"])
+        self.assertGreaterEqual(result["behind_connections"], 1)

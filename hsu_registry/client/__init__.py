@@ -15,6 +15,7 @@ from hsu_registry.client.errors import (
     RegistryRejected,
     RegistryUnavailable,
 )
+from hsu_registry.client.events import WatchEvent
 from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
 from hsu_registry.client.protocol import Health
 from hsu_registry.client.urls import DEFAULT_URL, parse_registry_url
@@ -22,6 +23,7 @@ from hsu_registry.client.urls import DEFAULT_URL, parse_registry_url
 if TYPE_CHECKING:
     from hsu_registry.client.asynchronous import RegistryClient
     from hsu_registry.client.publishing import PublishingService
+    from hsu_registry.client.watching import RegistryCache
 
 __all__ = [
     "DEFAULT_URL",
@@ -29,12 +31,14 @@ __all__ = [
     "Health",
     "ModuleNotFound",
     "PublishingService",
+    "RegistryCache",
     "RegistryClient",
     "RegistryError",
     "RegistryRejected",
     "RegistryUnavailable",
     "RemoteAPI",
     "RemoteModuleAPI",
+    "WatchEvent",
     "parse_registry_url",
 ]
 
@@ -46,6 +50,10 @@ def __getattr__(name: str) -> object:
         from hsu_registry.client.asynchronous import RegistryClient
 
         return RegistryClient
+    if name == "RegistryCache":
+        from hsu_registry.client.watching import RegistryCache
+
+        return RegistryCache
     if name == "PublishingService":
         from hsu_registry.client.publishing import PublishingService
 

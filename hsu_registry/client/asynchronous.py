@@ -6,8 +6,9 @@ with persistent connections, over TCP or a unix socket.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -19,7 +20,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from hsu_registry.client.errors import RegistryError
+from hsu_registry.client.errors import RegistryError, RegistryUnavailable
+from hsu_registry.client.events import WatchEvent
 from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
 from hsu_registry.client.protocol import (
     Call,
@@ -32,6 +34,7 @@ from hsu_registry.client.protocol import (
     unpublish_call,
 )
 from hsu_registry.client.urls import RegistryAddress, parse_registry_url
+from hsu_registry.client.watching import Catalog, Watch
 
 __all__ = ["RegistryClient"]
 
@@ -78,9 +81,8 @@ class RegistryClient:
         self.timeout = timeout
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 4
-        self._agent = Agent.usingEndpointFactory(
-            reactor, _FixedEndpoint(reactor, self.address, timeout), pool=self._pool
-        )
+        self._endpoints = _FixedEndpoint(reactor, self.address, timeout)
+        self._agent = Agent.usingEndpointFactory(reactor, self._endpoints, pool=self._pool)
 
     def __repr__(self) -> str:
         return f"<RegistryClient {self.address.url}>"
@@ -141,6 +143,42 @@ class RegistryClient:
 
     def health(self) -> Deferred[Health]:
         return self._request(health_call())
+
+    def catalog(self) -> Deferred[Catalog]:
+        """Every registration (C{GET /api/v1/modules}) with the change index and epoch."""
+        d = self._agent.request(b"GET", self.address.base + b"/api/v1/modules")
+
+        def answered(response: Any) -> Deferred[Catalog]:
+            def parse(body: bytes) -> Catalog:
+                if response.code != 200:
+                    health_call().interpret(response.code, body)  # raises the typed error
+                try:
+                    index = int(response.headers.getRawHeaders(b"x-hsu-index")[0])
+                    epoch = response.headers.getRawHeaders(b"x-hsu-epoch")[0].decode("ascii")
+                    modules = {m["moduleID"]: m for m in json.loads(body)["modules"]}
+                except (TypeError, ValueError, KeyError, IndexError) as e:
+                    raise RegistryUnavailable(f"the registry's catalog is malformed: {e}") from None
+                return Catalog(index, epoch, modules)
+
+            return readBody(response).addCallback(parse)
+
+        d.addCallback(answered)
+        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=self._timed_out)
+        return d.addErrback(self._failed)
+
+    def watch(
+        self,
+        callback: Callable[[WatchEvent], object],
+        last_index: int | None = None,
+        epoch: str | None = None,
+        on_connection: Callable[[bool], object] | None = None,
+    ) -> Watch:
+        """
+        Follow every change (C{GET /api/v1/watch}): C{callback(event)} gets each
+        L{WatchEvent}; the watch resumes by itself after a disconnection.  Call
+        C{stop()} on the returned L{Watch} to end it.
+        """
+        return Watch(self, callback, last_index, epoch, on_connection).start()
 
     def close(self) -> Deferred[None]:
         """Close the persistent connections."""

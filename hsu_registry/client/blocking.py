@@ -11,10 +11,11 @@ import http.client
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hsu_registry.client.errors import RegistryError
+from hsu_registry.client.events import EventParser, WatchEvent
 from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
 from hsu_registry.client.protocol import (
     Call,
@@ -151,6 +152,51 @@ class BlockingRegistryClient:
     def health(self) -> Health:
         result: Health = self._request(health_call())
         return result
+
+    def watch_events(
+        self, last_index: int | None = None, epoch: str | None = None, idle_timeout: float = 45.0
+    ) -> Iterator[WatchEvent]:
+        """
+        Follow the registry's changes: yield each L{WatchEvent} as it comes
+        (C{hello} first, C{resync} when changes were missed).  It runs on its
+        own connection until the caller stops iterating; a lost or silent
+        stream raises L{RegistryUnavailable}; resume with the last event's
+        index and epoch.
+        """
+        if self.address.path is not None:
+            connection: http.client.HTTPConnection = _UnixHTTPConnection(
+                self.address.path, idle_timeout
+            )
+        else:
+            assert self.address.host is not None
+            connection = http.client.HTTPConnection(
+                self.address.host, self.address.port, timeout=idle_timeout
+            )
+        headers = {"Accept": "text/event-stream"}
+        if last_index is not None:
+            headers["Last-Event-ID"] = str(last_index)
+            if epoch:
+                headers["X-HSU-Epoch"] = epoch
+        parser = EventParser()
+        try:
+            try:
+                connection.request("GET", "/api/v1/watch", headers=headers)
+                response = connection.getresponse()
+                if response.status != 200:
+                    health_call().interpret(response.status, response.read())
+                while True:
+                    chunk = response.read1(65536)
+                    if not chunk:
+                        raise unavailable(self.address.url, "the watch stream ended")
+                    yield from parser.feed(chunk)
+            except TimeoutError:
+                raise unavailable(
+                    self.address.url, f"the watch stream was silent for {idle_timeout:g}s"
+                ) from None
+            except (OSError, http.client.HTTPException) as e:
+                raise unavailable(self.address.url, _describe(e)) from None
+        finally:
+            connection.close()
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""

@@ -13,6 +13,7 @@ keeps that bounded.
 from __future__ import annotations
 
 import io
+import weakref
 from typing import Any
 
 from twisted.web.http import HTTPChannel
@@ -122,11 +123,19 @@ class RegistrySite(Site):
         super().__init__(resource, **kwargs)
         self.max_body_size = max_body_size
         self.access_log = access_log
+        self._channels: weakref.WeakSet[HTTPChannel] = weakref.WeakSet()
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         channel.maxBodySize = self.max_body_size
+        self._channels.add(channel)
         return channel
+
+    def close_connections(self) -> None:
+        """Close every connection (the service is stopping: no new ones arrive)."""
+        for channel in list(self._channels):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
 
     def log(self, request: Any) -> None:
         if self.access_log:
