@@ -59,6 +59,8 @@ class ChangeLog:
         self._changes: deque[Change] = deque(maxlen=size)
         self._waiters: list[_Waiter] = []
         self._listeners: list[Callable[[Change], object]] = []
+        self._wake: IDelayedCall | None = None
+        self.closed = False
         registry.subscribe(self._changed)
 
     @property
@@ -138,18 +140,30 @@ class ChangeLog:
 
     def _changed(self, change: Change) -> None:
         self._changes.append(change)
-        if self._waiters:
-            ready = [w for w in self._waiters if change.index > w.index]
-            self._waiters = [w for w in self._waiters if change.index <= w.index]
-            for waiter in ready:
-                if waiter.timer.active():
-                    waiter.timer.cancel()
-                waiter.done.callback(change.index)
+        # Streams first: writing an event is cheap.  Blocking queries are
+        # answered in a later reactor turn, each building a whole answer, so
+        # they delay neither the publish that made the change nor the streams.
         for listener in list(self._listeners):
             listener(change)
+        if self._waiters and self._wake is None:
+            self._wake = self.clock.callLater(0, self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        self._wake = None
+        index = self.registry.index
+        ready = [w for w in self._waiters if index > w.index]
+        self._waiters = [w for w in self._waiters if index <= w.index]
+        for waiter in ready:
+            if waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.done.callback(index)
 
     def close(self) -> None:
         """Answer every waiting query now (the daemon is stopping)."""
+        self.closed = True
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if waiter.timer.active():

@@ -56,6 +56,8 @@ class ChangeLogTests(SynchronousTestCase):
         d = self.log.wait(1, 30)
         self.assertNoResult(d)
         self.publish("b")
+        self.assertNoResult(d)  # answered in the next reactor turn, not inside the publish
+        self.clock.advance(0)
         self.assertEqual(self.successResultOf(d), 2)
         self.assertEqual(self.log.waiting, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -93,6 +95,7 @@ class ChangeLogTests(SynchronousTestCase):
         """One change wakes every waiter at once."""
         waits = [self.log.wait(0, 30) for _ in range(1000)]
         self.publish("a")
+        self.clock.advance(0)
         self.assertEqual({self.successResultOf(d) for d in waits}, {1})
 
     def test_listen(self) -> None:
@@ -104,6 +107,15 @@ class ChangeLogTests(SynchronousTestCase):
         stop()
         self.successResultOf(self.registry.unpublish("a"))
         self.assertEqual(seen, [ChangeKind.PUBLISHED, ChangeKind.UPDATED])
+
+    def test_streams_before_queries(self) -> None:
+        """Listeners (watch streams) hear of a change before blocking queries are answered."""
+        order: list[str] = []
+        self.log.listen(lambda change: order.append("stream"))
+        self.log.wait(0, 30).addCallback(lambda _: order.append("query"))
+        self.publish("a")
+        self.clock.advance(0)
+        self.assertEqual(order, ["stream", "query"])
 
     def test_close_answers_waiters(self) -> None:
         """Stopping the daemon answers every waiting query at once."""

@@ -223,6 +223,7 @@ class BlockingQueryTests(WatchTestCase):
         self.assertEqual(client.raw, b"")
         self.clock.advance(10)
         self.publish("b")
+        self.clock.advance(0)
         status, headers, body = client.response()
         self.assertEqual((status, headers["x-hsu-index"]), (200, "2"))
         self.assertEqual([m["moduleID"] for m in json.loads(body)["modules"]], ["a", "b"])
@@ -259,8 +260,10 @@ class BlockingQueryTests(WatchTestCase):
         client.get("/api/v1/discover/late?wait=30s")
         self.assertEqual(client.raw, b"")
         self.publish("other")
+        self.clock.advance(0)
         self.assertEqual(client.raw, b"")
         self.publish("late")
+        self.clock.advance(0)
         status, _, body = client.response()
         self.assertEqual((status, json.loads(body)["moduleID"]), (200, "late"))
 
@@ -271,6 +274,32 @@ class BlockingQueryTests(WatchTestCase):
         self.clock.advance(6)
         status, _, body = client.response()
         self.assertEqual((status, json.loads(body)["error"]), (404, "module not found"))
+
+    def test_shutdown_answers_held_queries(self) -> None:
+        """Stopping the daemon answers held queries with what there is, not a cut connection."""
+        client = self.connect()
+        client.get("/api/v1/modules?index=0&wait=30s")
+        self.changelog.close()
+        self.assertEqual(client.response()[0], 200)
+
+    def test_one_catalog_per_change(self) -> None:
+        """Queries woken by one change share one encoded catalog."""
+        self.publish("a")
+        clients = [self.connect() for _ in range(3)]
+        for client in clients:
+            client.get("/api/v1/modules?index=1&wait=30s")
+        built: list[int] = []
+        original = self.registry.registrations
+
+        def counting() -> Any:
+            built.append(1)
+            return original()
+
+        self.registry.registrations = counting  # type: ignore[method-assign]
+        self.publish("b")
+        self.clock.advance(0)
+        self.assertEqual([c.response()[0] for c in clients], [200, 200, 200])
+        self.assertEqual(len(built), 1)
 
     def test_bad_wait(self) -> None:
         client = self.connect()

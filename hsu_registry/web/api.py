@@ -61,6 +61,7 @@ class RegistryAPI:
         self.clock: IReactorTime = clock if clock is not None else registry.clock
         self.changelog = changelog if changelog is not None else ChangeLog(registry, self.clock)
         self.watchers = WatchHub(self.changelog, self.clock)
+        self._catalog: tuple[object, bytes] = (None, b"")
 
     def resource(self) -> IResource:
         """The API as a resource that answers every request with JSON."""
@@ -99,13 +100,18 @@ class RegistryAPI:
 
     def _modules(self, request: IRequest) -> bytes:
         now = self.clock.seconds()
-        stale = self.registry.stale_after
-        entries = [
-            module_entry(registration, seen, now, stale)
-            for registration, seen in self.registry.registrations()
-        ]
+        # Many blocking queries wake on the same change: build the catalog
+        # once per change index and second (its states change with time).
+        key = (self.registry.epoch, self.registry.index, int(now))
+        if self._catalog[0] != key:
+            stale = self.registry.stale_after
+            entries = [
+                module_entry(registration, seen, now, stale)
+                for registration, seen in self.registry.registrations()
+            ]
+            self._catalog = (key, b'{"modules":[' + b",".join(entries) + b"]}")
         self._index_headers(request)
-        return json_response(request, b'{"modules":[' + b",".join(entries) + b"]}")
+        return json_response(request, self._catalog[1])
 
     @app.route("/api/v1/modules/<moduleID>", methods=["GET"])
     def module(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
@@ -193,6 +199,8 @@ class RegistryAPI:
 
         async def held() -> bytes:
             while True:
+                if self.changelog.closed:
+                    return answer()  # the daemon is stopping: answer what there is
                 if since is not None:
                     if self.registry.index != since:
                         return answer()
