@@ -25,6 +25,10 @@ __all__ = ["DEFAULT_MAX_WAIT", "ChangeLog"]
 # The longest a blocking query may wait, whatever it asks for.
 DEFAULT_MAX_WAIT = 300.0
 
+# Blocking queries answered per reactor turn after a change: between batches
+# the reactor writes what is ready (the publish's answer, the other answers).
+WAKE_BATCH = 64
+
 
 class _Waiter:
     def __init__(self, index: int, done: Deferred[int], timer: IDelayedCall) -> None:
@@ -149,14 +153,18 @@ class ChangeLog:
             self._wake = self.clock.callLater(0, self._wake_waiters)
 
     def _wake_waiters(self) -> None:
+        """Answer up to C{WAKE_BATCH} ready queries, then let the reactor write."""
         self._wake = None
         index = self.registry.index
-        ready = [w for w in self._waiters if index > w.index]
-        self._waiters = [w for w in self._waiters if index <= w.index]
+        ready = [w for w in self._waiters if index > w.index][:WAKE_BATCH]
+        chosen = set(map(id, ready))
+        self._waiters = [w for w in self._waiters if id(w) not in chosen]
         for waiter in ready:
             if waiter.timer.active():
                 waiter.timer.cancel()
             waiter.done.callback(index)
+        if any(index > w.index for w in self._waiters):
+            self._wake = self.clock.callLater(0, self._wake_waiters)
 
     def close(self) -> None:
         """Answer every waiting query now (the daemon is stopping)."""
