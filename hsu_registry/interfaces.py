@@ -9,7 +9,7 @@ whether the backend is memory, SQLite or a replicated engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
@@ -77,6 +77,24 @@ class IRegistry(Interface):
 
     index = Attribute("The change index: an int incremented by every mutation, never decreasing.")
     epoch = Attribute("A string, new for every registry instance (every daemon start).")
+    clock = Attribute("The IReactorTime the registry reads time from.")
+    stale_after = Attribute("Seconds without a heartbeat after which a module is not discoverable.")
+
+    def registrations() -> Iterator[tuple[Registration, float]]:
+        """
+        @return: every registration with its last-seen time (a snapshot).
+        """
+
+    def providers(service_id: str) -> list[tuple[Registration, float]]:
+        """
+        @return: the registrations with an API serving C{service_id}, with
+            their last-seen times.
+        """
+
+    def last_seen(module_id: str) -> float | None:
+        """
+        @return: the last heartbeat time of C{module_id}, or L{None}.
+        """
 
     def load() -> Deferred[int]:
         """

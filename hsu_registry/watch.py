@@ -18,7 +18,8 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from hsu_registry.registry import Change, Registry
+from hsu_registry.interfaces import IRegistry
+from hsu_registry.registry import Change
 
 __all__ = ["DEFAULT_MAX_WAIT", "ChangeLog"]
 
@@ -49,7 +50,7 @@ class ChangeLog:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: IRegistry,
         clock: IReactorTime,
         size: int = 4096,
         max_wait: float = DEFAULT_MAX_WAIT,

@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from hsu_registry.durations import format_duration, parse_duration
 from hsu_registry.errors import InvalidRequest, ModuleNotFound, RegistryError
+from hsu_registry.interfaces import IRegistry
 from hsu_registry.model import (
     DEFAULT_LIMITS,
     Limits,
@@ -29,7 +30,6 @@ from hsu_registry.model import (
     parse_process_id,
     parse_publish_body,
 )
-from hsu_registry.registry import Registry
 from hsu_registry.watch import ChangeLog
 from hsu_registry.web.catalog import module_entry
 from hsu_registry.web.responses import SUCCESS, error_response, json_response
@@ -51,7 +51,7 @@ class RegistryAPI:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: IRegistry,
         limits: Limits = DEFAULT_LIMITS,
         changelog: ChangeLog | None = None,
         clock: IReactorTime | None = None,
