@@ -74,15 +74,11 @@ class StoreService(Service):
         return d
 
 
-class CleanupService(Service):
+class _PeriodicService(Service):
     """
-    Every C{interval} seconds, expires modules not seen for the expiry time and
-    hands the batched heartbeats to the store.  A failing pass is logged and
-    the next one runs as usual (a bare LoopingCall would stop for good).
+    Runs L{run_once} every C{interval} seconds on C{clock}.  C{run_once}
+    must never fail: a LoopingCall stops for good at the first failure.
     """
-
-    name = "cleanup"
-    log = Logger()
 
     def __init__(self, registry: Registry, interval: float, clock: IReactorTime) -> None:
         self.registry = registry
@@ -90,6 +86,9 @@ class CleanupService(Service):
         self.clock = clock
         self._call: LoopingCall | None = None
         self._loop: Deferred[LoopingCall] | None = None
+
+    def run_once(self) -> Deferred[None]:
+        raise NotImplementedError()
 
     def startService(self) -> None:
         super().startService()
@@ -107,6 +106,17 @@ class CleanupService(Service):
             return succeed(None)
         return loop.addCallback(lambda _: None)
 
+
+class CleanupService(_PeriodicService):
+    """
+    Every C{interval} seconds, expires modules not seen for the expiry time and
+    hands the batched heartbeats to the store.  A failing pass is logged and
+    the next one runs as usual.
+    """
+
+    name = "cleanup"
+    log = Logger()
+
     def run_once(self) -> Deferred[None]:
         """One cleanup pass; never fails."""
         d = maybeDeferred(self.registry.expire)  # the registry logs what it removes
@@ -118,7 +128,7 @@ class CleanupService(Service):
         return flushed.addErrback(failed)
 
 
-class HeartbeatFlushService(Service):
+class HeartbeatFlushService(_PeriodicService):
     """
     Every C{interval} seconds, hands the heartbeats recorded since the last
     flush to the store in one batch (a durable store writes them in one
@@ -129,26 +139,8 @@ class HeartbeatFlushService(Service):
     name = "heartbeat-flush"
     log = Logger()
 
-    def __init__(self, registry: Registry, interval: float, clock: IReactorTime) -> None:
-        self.registry = registry
-        self.interval = interval
-        self.clock = clock
-        self._call: LoopingCall | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._call = LoopingCall(self.flush)
-        self._call.clock = self.clock
-        self._call.start(self.interval, now=False)
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        if self._call is not None and self._call.running:
-            self._call.stop()
-        self._call = None
-        return succeed(None)
-
-    def flush(self) -> Deferred[None]:
+    def run_once(self) -> Deferred[None]:
+        """One flush; never fails."""
         d = maybeDeferred(self.registry.flush_heartbeats)
         return d.addErrback(
             lambda f: self.log.failure("Heartbeat flush failed; the next one runs as usual", f)

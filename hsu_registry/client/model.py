@@ -16,7 +16,7 @@ from typing import Any
 from attrs import field, frozen
 
 from hsu_registry.errors import InvalidRequest
-from hsu_registry.model import parse_api, validate_id
+from hsu_registry.model import ModuleAPI, parse_api, validate_id
 
 __all__ = ["RemoteAPI", "RemoteModuleAPI"]
 
@@ -55,16 +55,13 @@ class RemoteModuleAPI:
 
     def to_json(self) -> dict[str, Any]:
         """The publish body's shape, with empty optional fields omitted."""
-        out: dict[str, Any] = {
-            "serviceIDs": list(self.service_ids),
-            "serverPort": self.server_port,
-            "protocol": self.protocol,
-        }
-        if self.address:
-            out["address"] = self.address
-        if self.metadata:
-            out["metadata"] = dict(self.metadata)
-        return out
+        return ModuleAPI(
+            service_ids=self.service_ids,
+            server_port=self.server_port,
+            protocol=self.protocol,
+            address=self.address,
+            metadata=tuple((self.metadata or {}).items()),
+        ).to_json()
 
     @classmethod
     def from_json(cls, raw: Any) -> RemoteModuleAPI:
