@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -26,6 +27,9 @@ from hsu_registry.config import RegistryConfig
 from hsu_registry.service import makeService
 
 from .helpers import publish_request
+from .test_e2e import BIN_DIR, E2ETestCase
+
+CTL = os.path.join(BIN_DIR, "hsu-registry-ctl")
 
 
 class ParserTests(SynchronousTestCase):
@@ -177,9 +181,9 @@ class CacheTests(TestCase):
         await _until(lambda: not cache.stale and not cache.modules, "resynced")
 
 
-class BlockingWatchTests(TestCase):
-    async def test_events_and_ctl_watch(self) -> None:
-        """The blocking iterator and the ctl's watch command see the changes."""
+class BlockingWatchTests(E2ETestCase):
+    async def test_events(self) -> None:
+        """The blocking iterator yields hello, then the changes."""
         registry = LiveRegistry(self)
         client = BlockingRegistryClient(registry.url)
 
@@ -197,17 +201,21 @@ class BlockingWatchTests(TestCase):
         await registry.publish("b")
         self.assertEqual(await events, [("hello", 0), ("published", 1), ("published", 2)])
 
-        out, err = io.StringIO(), io.StringIO()
-        code = deferToThread(
-            ctl.run, ["--url", registry.url, "watch", "--count", "1"], out, err, {}
-        )
-        await _until(lambda: len(registry.service.api.watchers.streams) == 1, "ctl watching")
+    async def test_ctl_watch(self) -> None:
+        """hsu-registry-ctl watch prints the changes as they come.
+
+        It runs as a process, so a failing test cannot leave it resuming
+        forever in a thread."""
+        registry = LiveRegistry(self)
+        watcher = self.spawn([CTL, "--url", registry.url, "watch", "--count", "1"])
+        await watcher.wait_for(re.compile(rb"# watching"), "stdout")
         await registry.publish("c")
-        self.assertEqual(await code, 0)
-        lines = out.getvalue().splitlines()
+        await watcher.wait_for_end()
+        self.assertExitCode(watcher, 0)
+        lines = watcher.stdout.decode().splitlines()
         self.assertTrue(lines[0].startswith("# watching"), lines)
-        self.assertEqual(lines[1].split("\t"), ["3", "published", "c"])
-        self.assertEqual(err.getvalue(), "")
+        self.assertEqual(lines[1].split("\t"), ["1", "published", "c"])
+        self.assertEqual(watcher.stderr, b"")
 
     async def test_ctl_watch_unreachable(self) -> None:
         """With no registry at all, watch exits 3 with one line."""
