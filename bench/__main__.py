@@ -6,8 +6,8 @@ It starts the installed daemon (and a bare twisted.web reference) as
 subprocesses, loads them, stops them, prints a table and writes JSON (by
 default ``bench/results/latest.json``): throughput and latency, publish on the
 memory and the SQLite store (closed loop, and 64 publishers at a fixed rate),
-memory, start-up, cleanup lag and garbage-collector pauses (see each module
-of this package).  Progress goes to stderr, the table to stdout.
+memory, start-up, cleanup lag, garbage-collector pauses and watch fan-out
+(see each module of this package).  Progress goes to stderr, the table to stdout.
 ``--quick`` (about 30 s) keeps the harness working: tiny runs with the
 Python generator only; its figures mean nothing.
 """
@@ -39,10 +39,13 @@ from bench.workload import DISCOVER_MODULE, PUBLISH_PATH, discover_path, publish
 
 __all__ = ["main"]
 
-SECTIONS = ("throughput", "store", "memory", "startup", "cleanup", "gc")
+SECTIONS = ("throughput", "store", "memory", "startup", "cleanup", "gc", "fanout")
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 #: The store section's paced part in a quick run: one total rate (req/s).
 QUICK_PACED_RATE = 200.0
+#: Bounds on the fanout section's subprocess (bench.fanout bounds itself at 18 s
+#: with --quick, 300 s without; this is the margin beyond).
+FANOUT_TIMEOUT = {True: 60.0, False: 360.0}
 
 
 def _progress(line: str) -> None:
@@ -59,7 +62,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="tiny runs, Python generator only, about 2 s of load for the store section, "
-        "1 000 modules, 10 000 registrations, 2 starts, 2 000 modules for the gc section",
+        "1 000 modules, 10 000 registrations, 2 starts, 2 000 modules for the gc section, "
+        "50 watchers and 50 blocking queries for the fanout section",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     parser.add_argument(
@@ -135,6 +139,20 @@ def _meta(args: argparse.Namespace, settings: Settings, starts: int, wrk_path: s
         "loadavg_before": list(os.getloadavg()),
         "notes": [],
     }
+
+
+def _fanout(workspace: Workspace, quick: bool) -> dict[str, Any]:
+    """bench.fanout in a subprocess (its open-file limit and gc.disable() stay there)."""
+    _progress(f"fanout: python -m bench.fanout{' --quick' if quick else ''}")
+    path = workspace.new_path("fanout") + ".json"
+    workspace.run_python(
+        "bench.fanout",
+        [*(["--quick"] if quick else []), f"--json={path}"],
+        timeout=FANOUT_TIMEOUT[quick],
+    )
+    with open(path, encoding="utf-8") as f:
+        result: dict[str, Any] = json.load(f)
+    return result
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -246,6 +264,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["gc"] = measure_gc(
                 workspace, gc_modules, gc_discover_s, settings.use_wrk, _progress
             )
+        if "fanout" in args.sections:
+            results["fanout"] = _fanout(workspace, quick)
+            notes.extend(f"fanout: {note}" for note in results["fanout"].get("notes", []))
     results["meta"]["elapsed_s"] = time.monotonic() - began
     results["meta"]["loadavg_after"] = list(os.getloadavg())
     return results

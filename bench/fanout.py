@@ -47,7 +47,8 @@ Every wait has a timeout and the whole run is bounded (C{--timeout}); the
 daemon is killed at the end whatever happens.  Progress goes to stderr, the
 table to stdout, everything to JSON (by default C{bench/results/fanout.json}).
 C{--quick} (50 watchers, 50 queries, 3 + 2 publishes) checks the harness in a
-few seconds; its figures mean little.
+few seconds; its figures mean little.  C{python -m bench} runs this module as
+its C{fanout} section (with C{--quick} under C{--quick}).
 """
 
 from __future__ import annotations
@@ -1145,8 +1146,8 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def render(results: dict[str, Any]) -> str:
-    """The results as a small table."""
+def render(results: dict[str, Any], notes: bool = True) -> str:
+    """The results as a small table (with their notes unless C{notes} is false)."""
     s = results["settings"]
     lines = [
         f"Watch fan-out: {s['watchers']} SSE watchers and {s['queries']} blocking queries "
@@ -1235,8 +1236,9 @@ def render(results: dict[str, Any]) -> str:
             f"streams ended cleanly; of {stop['queries_held_at_stop']} held queries "
             f"{stop['queries_answered']} answered, {stop['queries_cut']} cut without an answer."
         )
-    for note in results.get("notes", []):
-        lines.append(f"note: {note}")
+    if notes:
+        for note in results.get("notes", []):
+            lines.append(f"note: {note}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from bench import fanout
 from bench.memory import IDLE_TARGET, LEVELS
 
 __all__ = ["render", "write_json"]
@@ -333,6 +334,11 @@ def _gc(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fanout(results: dict[str, Any]) -> list[str]:
+    """bench.fanout's own table; its notes go with the run's (see L{bench.__main__})."""
+    return fanout.render(results["fanout"], notes=False).splitlines()
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole table as text."""
     meta = results["meta"]
@@ -352,6 +358,7 @@ def render(results: dict[str, Any]) -> str:
         ("startup", _startup),
         ("cleanup", _cleanup),
         ("gc", _gc),
+        ("fanout", _fanout),
     ):
         if name in results:
             lines.extend(section(results))

@@ -39,6 +39,26 @@ GC_QUICK_MODULES = 2000
 STORES = ("memory", "sqlite")
 STORE_OPERATIONS = ("publish", "publish_new")
 PACED_QUICK_RATE = "200"
+#: bench.fanout --quick: watchers, held queries, publishes to the watchers alone and to both.
+FANOUT_QUICK = {"watchers": 50, "queries": 50, "solo_publishes": 2, "publishes": 3}
+FANOUT_MEMORY = (
+    "before_kib",
+    "watchers_kib",
+    "watchers_and_queries_kib",
+    "per_watcher_kib",
+    "per_query_kib",
+)
+#: Figures of each phase (solo: watchers alone; both: watchers and held queries).
+FANOUT_FIGURES = {
+    "solo": ("publish_ms", "first_watcher_ms", "last_watcher_ms"),
+    "both": (
+        "publish_ms",
+        "first_watcher_ms",
+        "last_watcher_ms",
+        "first_query_ms",
+        "last_query_ms",
+    ),
+}
 PACED_FIGURES = (
     "rps",
     "p50_ms",
@@ -103,8 +123,11 @@ class QuickBenchmarkTests(TestCase):
         each store (open loop: req/s achieved, latency, whether the rate was
         kept and the verdict; the 64 modules in the SQLite file), memory
         (with the idle RSS of a bare Klein process and the ratio to it),
-        start-up, cleanup and garbage-collector pauses (a frozen and a not
-        frozen daemon, each holding the 2 000 modules it was given).
+        start-up, cleanup, garbage-collector pauses (a frozen and a not
+        frozen daemon, each holding the 2 000 modules it was given) and watch
+        fan-out (50 watchers and 50 held queries: memory per watcher and per
+        query, publish to the last watcher and the last query, every event
+        delivered).
         """
         if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
             raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
@@ -127,6 +150,8 @@ class QuickBenchmarkTests(TestCase):
             "Start-up",
             "Cleanup",
             "Garbage collector",
+            "Watch fan-out",
+            "target: last watcher within 50 ms",
         ):
             self.assertIn(heading, table)
 
@@ -268,6 +293,25 @@ class QuickBenchmarkTests(TestCase):
             self.assertEqual(cell["load"]["publish"]["requests"], GC_QUICK_MODULES, mode)
             self.assertEqual(cell["load"]["republish"]["requests"], GC_QUICK_MODULES, mode)
             self.assertGreater(cell["load"]["discover"]["requests"], 0, mode)
+
+        fanout = results["fanout"]
+        for name, count in FANOUT_QUICK.items():
+            self.assertEqual(fanout["settings"][name], count, f"fanout {name}")
+        for figure in FANOUT_MEMORY:
+            self.assertNumber(fanout["memory"][figure], f"fanout memory {figure}")
+        for phase, figures in FANOUT_FIGURES.items():
+            summary = fanout[phase]
+            count = FANOUT_QUICK["solo_publishes" if phase == "solo" else "publishes"]
+            self.assertEqual(summary["publishes"], count, f"fanout {phase}")
+            for figure in figures:
+                where = f"fanout {phase} {figure}"
+                self.assertIsNotNone(summary[figure], where)
+                self.assertNumber(summary[figure]["median_ms"], where)
+                self.assertNumber(summary[figure]["max_ms"], where)
+                self.assertEqual(summary[figure + "_incomplete"], 0, where)
+        delivery = fanout["delivery"]
+        self.assertEqual(delivery["events_received"], delivery["events_expected"], delivery)
+        self.assertEqual(delivery["watchers_complete"], FANOUT_QUICK["watchers"], delivery)
 
 
 class _Slow(Resource):
