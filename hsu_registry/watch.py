@@ -29,6 +29,7 @@ DEFAULT_MAX_WAIT = 300.0
 # Blocking queries answered per reactor turn after a change: between batches
 # the reactor writes what is ready (the publish's answer, the other answers).
 WAKE_BATCH = 64
+WAKE_DELAY = 0.002
 
 
 class _Waiter:
@@ -151,7 +152,9 @@ class ChangeLog:
         for listener in list(self._listeners):
             listener(change)
         if self._waiters and self._wake is None:
-            self._wake = self.clock.callLater(0, self._wake_waiters)
+            # A moment later, not just the next turn: a zero-delay call would
+            # run before the reactor writes the streams' events out.
+            self._wake = self.clock.callLater(WAKE_DELAY, self._wake_waiters)
 
     def _wake_waiters(self) -> None:
         """Answer up to C{WAKE_BATCH} ready queries, then let the reactor write."""

@@ -223,7 +223,7 @@ class BlockingQueryTests(WatchTestCase):
         self.assertEqual(client.raw, b"")
         self.clock.advance(10)
         self.publish("b")
-        self.clock.advance(0)
+        self.clock.advance(0.002)
         status, headers, body = client.response()
         self.assertEqual((status, headers["x-hsu-index"]), (200, "2"))
         self.assertEqual([m["moduleID"] for m in json.loads(body)["modules"]], ["a", "b"])
@@ -260,10 +260,10 @@ class BlockingQueryTests(WatchTestCase):
         client.get("/api/v1/discover/late?wait=30s")
         self.assertEqual(client.raw, b"")
         self.publish("other")
-        self.clock.advance(0)
+        self.clock.advance(0.002)
         self.assertEqual(client.raw, b"")
         self.publish("late")
-        self.clock.advance(0)
+        self.clock.advance(0.002)
         status, _, body = client.response()
         self.assertEqual((status, json.loads(body)["moduleID"]), (200, "late"))
 
@@ -297,7 +297,7 @@ class BlockingQueryTests(WatchTestCase):
 
         self.registry.registrations = counting  # type: ignore[method-assign]
         self.publish("b")
-        self.clock.advance(0)
+        self.clock.advance(0.002)
         self.assertEqual([c.response()[0] for c in clients], [200, 200, 200])
         self.assertEqual(len(built), 1)
 
