@@ -29,6 +29,7 @@ class RegistryConfig:
     expire_after: float = 600.0
     cleanup_interval: float = 60.0
     flush_interval: float = 5.0
+    discover_heartbeat: bool = True
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     max_modules: int = 100_000
     store: str = "memory"

@@ -123,6 +123,15 @@ class IRegistry(Interface):
         @raise hsu_registry.errors.ModuleNotFound: unknown or stale.
         """
 
+    def heartbeat(module_id: str, process_id: int | None) -> None:
+        """
+        Refresh a registration's last-seen time; with C{process_id}, only for
+        its owner.
+
+        @raise hsu_registry.errors.ModuleNotFound: unknown module.
+        @raise hsu_registry.errors.NotOwner: another process owns it.
+        """
+
     def get(module_id: str) -> Registration | None:
         """
         @return: the registration of C{module_id}, stale or not, or L{None};

@@ -81,6 +81,11 @@ class Options(usage.Options):
     ]
     optFlags: list[list[Any]] = [
         ["access-log", None, "Log every request (costs about 15% of throughput)."],
+        [
+            "no-discover-heartbeat",
+            None,
+            "Discovery does not refresh a module (modules must publish or PUT heartbeats).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -162,4 +167,5 @@ class Options(usage.Options):
             store=store,
             access_log=bool(self["access-log"]),
             freeze_gc=True,
+            discover_heartbeat=not self["no-discover-heartbeat"],
         )

@@ -90,6 +90,8 @@ class Registry:
         removes a module; not less than C{stale_after}.
     @param max_modules: the most registrations held at once.
     @param expire_batch: how many expired modules one reactor turn removes.
+    @param discover_heartbeat: whether discovery refreshes a module's
+        last-seen time, as in the original (on by default for compatibility).
     """
 
     log = Logger()
@@ -103,6 +105,7 @@ class Registry:
         max_modules: int = 100_000,
         epoch: str | None = None,
         expire_batch: int = 100,
+        discover_heartbeat: bool = True,
     ) -> None:
         if expire_after < stale_after:
             raise ValueError("expire_after must not be less than stale_after")
@@ -112,6 +115,7 @@ class Registry:
         self.expire_after = expire_after
         self.max_modules = max_modules
         self.expire_batch = expire_batch
+        self.discover_heartbeat = discover_heartbeat
         self.index = 0
         self.epoch = epoch if epoch is not None else uuid.uuid4().hex
         self.started_at = clock.seconds()
@@ -176,9 +180,31 @@ class Registry:
         now = self._clock.seconds()
         if now - self._last_seen[module_id] > self.stale_after:
             raise ModuleNotFound(module_id)
-        self._last_seen[module_id] = now
-        self._touched.add(module_id)
+        if self.discover_heartbeat:
+            self._last_seen[module_id] = now
+            self._touched.add(module_id)
         return Registration.from_plain(plain)
+
+    def heartbeat(self, module_id: str, process_id: int | None = None) -> None:
+        """
+        Refresh C{module_id}'s last-seen time (its owner says it is alive);
+        with C{process_id}, only for the owning process.  Batched to the store
+        like every heartbeat.
+
+        @raise ModuleNotFound: when the module is not registered (it expired,
+            or the registry restarted empty: publish again).
+        @raise NotOwner: when another process owns it.
+        """
+        plain = self._modules.get(module_id)
+        if plain is None:
+            raise ModuleNotFound(module_id)
+        if process_id is not None and process_id != plain[1]:
+            raise NotOwner(
+                f"module {module_id!r} is registered by another process",
+                {"moduleID": module_id, "processID": process_id, "registeredProcessID": plain[1]},
+            )
+        self._last_seen[module_id] = self._clock.seconds()
+        self._touched.add(module_id)
 
     def health(self) -> HealthStatus:
         return HealthStatus(

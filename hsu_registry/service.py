@@ -166,6 +166,7 @@ class RegistryService(MultiService):
             stale_after=config.stale_after,
             expire_after=config.expire_after,
             max_modules=config.max_modules,
+            discover_heartbeat=config.discover_heartbeat,
         )
         self.api = RegistryAPI(self.registry, config.limits)
         self.site = RegistrySite(

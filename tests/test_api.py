@@ -432,3 +432,19 @@ class MountingTests(SynchronousTestCase):
             treq.get("http://host.invalid/registry/api/v1/discover/test")
         )
         self.assertEqual(json.loads(self.successResultOf(response.content()))["moduleID"], "test")
+
+
+class HeartbeatAPITests(APITestCase):
+    def test_heartbeat(self) -> None:
+        """PUT /api/v1/heartbeat/{id}?processID=N refreshes; 404 unknown, 409 not the owner."""
+        self.publish(SEED_PUBLISH)
+        self.clock.advance(200)
+        self.assertEqual(
+            self.request("PUT", "/heartbeat/test?processID=1234")[:2], (200, {"success": True})
+        )
+        self.assertEqual(self.registry.last_seen("test"), self.clock.seconds())
+        self.assertEqual(self.request("PUT", "/heartbeat/test")[0], 200)
+        self.assertError(self.request("PUT", "/heartbeat/ghost"), 404)
+        self.assertError(self.request("PUT", "/heartbeat/test?processID=1"), 409)
+        self.assertError(self.request("PUT", "/heartbeat/test?processID=x"), 400, "processID")
+        self.assertError(self.request("GET", "/heartbeat/test"), 405)

@@ -122,6 +122,17 @@ class AsyncClientTests(RegistryServerMixin, TestCase):
         """Publish, discover, health and unpublish over TCP on one connection."""
         await self.round_trip(self.tcp_url)
 
+    async def test_heartbeat(self) -> None:
+        """heartbeat() refreshes a module; an unknown one fails with ModuleNotFound."""
+        client = self.client(self.unix_url)
+        await client.publish_apis([ECHO], process_id=5)
+        await client.heartbeat("echo", 5)
+        with self.assertRaises(ModuleNotFound):
+            await client.heartbeat("ghost")
+        with self.assertRaises(RegistryRejected) as refused:
+            await client.heartbeat("echo", 6)
+        self.assertEqual(refused.exception.status, 409)
+
     async def test_unix(self) -> None:
         """The same over the unix socket."""
         await self.round_trip(self.unix_url)

@@ -114,6 +114,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parse().flush_interval, 5.0)
         self.assertEqual(parse("--flush-interval=2s").flush_interval, 2.0)
 
+    def test_discover_heartbeat(self) -> None:
+        """Discovery is a heartbeat unless --no-discover-heartbeat."""
+        self.assertTrue(parse().discover_heartbeat)
+        self.assertFalse(parse("--no-discover-heartbeat").discover_heartbeat)
+
     def test_access_log(self) -> None:
         """--access-log turns on request logging."""
         self.assertTrue(parse("--access-log").access_log)

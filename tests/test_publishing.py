@@ -17,6 +17,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hsu_registry.client import (
+    ModuleNotFound,
     RegistryClient,
     RegistryRejected,
     RegistryUnavailable,
@@ -61,6 +62,64 @@ class FakeRegistry:
         self.unpublished.append((module_id, process_id))
         self.modules.pop(module_id, None)
         return succeed(None)
+
+
+class HeartbeatingRegistry(FakeRegistry):
+    """A fake client that also offers heartbeats."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.beats: list[tuple[str, int | None]] = []
+
+    def heartbeat(self, module_id: str, process_id: int | None = None) -> Deferred[None]:
+        if self.down:
+            return fail(RegistryUnavailable("registry at fake is unavailable"))
+        if module_id not in self.modules:
+            return fail(ModuleNotFound(module_id))
+        self.beats.append((module_id, process_id))
+        return succeed(None)
+
+
+class HeartbeatServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = HeartbeatingRegistry(self.clock)
+        self.service = PublishingService(
+            self.registry,
+            [ECHO, WEB],
+            heartbeat_interval=60,
+            clock=self.clock,
+            process_id=9,
+            jitter=random.Random(3),
+        )
+
+    def test_heartbeats_between_publishes(self) -> None:
+        """After the first publish it sends heartbeats, not publishes."""
+        self.service.startService()
+        self.clock.pump([60, 60])
+        self.assertEqual(self.registry.publishes, [0])
+        self.assertEqual(len(self.registry.beats), 4)
+        self.assertEqual(self.registry.beats[0], ("echo", 9))
+
+    def test_registry_forgot(self) -> None:
+        """When the registry no longer knows a module, it publishes again at once."""
+        self.service.startService()
+        self.registry.modules.clear()  # restarted empty
+        self.clock.advance(60)
+        self.assertEqual(self.registry.publishes, [0, 60])
+        self.assertEqual(set(self.registry.modules), {"echo", "web"})
+        self.clock.advance(60)
+        self.assertEqual(len(self.registry.beats), 2)
+
+    def test_heartbeat_while_down_backs_off(self) -> None:
+        """A failed heartbeat goes into the usual backoff, then publishes."""
+        self.service.startService()
+        self.registry.down = True
+        self.clock.advance(60)
+        self.assertEqual(self.service.state, "retrying")
+        self.registry.down = False
+        self.clock.advance(self.service.retry_max)
+        self.assertEqual(self.service.state, "registered")
 
 
 class PublishingServiceTests(SynchronousTestCase):

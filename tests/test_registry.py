@@ -332,3 +332,34 @@ class RegistryTests(SynchronousTestCase):
                 self.registry.discover(name)
             self.successResultOf(self.registry.expire())
         self.assertLessEqual(len(self.registry._expiry), 3)
+
+
+class HeartbeatTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(MemoryStore(), self.clock, stale_after=300, expire_after=600)
+        self.successResultOf(self.registry.publish(publish_request("echo", process_id=7)))
+
+    def test_refreshes(self) -> None:
+        """A heartbeat from the owner keeps the module fresh without discovery."""
+        for _ in range(5):
+            self.clock.advance(250)
+            self.registry.heartbeat("echo", 7)
+        self.registry.discover("echo")
+        self.assertEqual(self.registry.index, 1)  # not a change
+
+    def test_unknown_and_not_owner(self) -> None:
+        """Unknown modules and other processes are refused."""
+        self.assertRaises(ModuleNotFound, self.registry.heartbeat, "nope", None)
+        error = self.assertRaises(NotOwner, self.registry.heartbeat, "echo", 8)
+        self.assertEqual(error.context["registeredProcessID"], 7)
+
+    def test_discovery_heartbeat_can_be_off(self) -> None:
+        """With discover_heartbeat off, lookups do not keep a silent module alive."""
+        registry = Registry(MemoryStore(), self.clock, discover_heartbeat=False)
+        self.successResultOf(registry.publish(publish_request("echo")))
+        for _ in range(2):
+            self.clock.advance(150)
+            registry.discover("echo")
+        self.clock.advance(150)
+        self.assertRaises(ModuleNotFound, registry.discover, "echo")  # 450 s after publishing

@@ -29,6 +29,7 @@ from hsu_registry.client.protocol import (
     check_timeout,
     discover_call,
     health_call,
+    heartbeat_call,
     publish_call,
     unavailable,
     unpublish_call,
@@ -140,6 +141,13 @@ class RegistryClient:
         process owns it.
         """
         return self._request(unpublish_call(module_id, process_id))
+
+    def heartbeat(self, module_id: str, process_id: int | None = None) -> Deferred[None]:
+        """
+        Tell the registry C{module_id} is alive (C{PUT /api/v1/heartbeat}); fails
+        with L{ModuleNotFound} when it is not registered (publish again).
+        """
+        return self._request(heartbeat_call(module_id, process_id))
 
     def health(self) -> Deferred[Health]:
         return self._request(health_call())

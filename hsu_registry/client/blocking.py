@@ -23,6 +23,7 @@ from hsu_registry.client.protocol import (
     check_timeout,
     discover_call,
     health_call,
+    heartbeat_call,
     publish_call,
     unavailable,
     unpublish_call,
@@ -148,6 +149,13 @@ class BlockingRegistryClient:
         process owns it.
         """
         self._request(unpublish_call(module_id, process_id))
+
+    def heartbeat(self, module_id: str, process_id: int | None = None) -> None:
+        """
+        Tell the registry C{module_id} is alive; raises L{ModuleNotFound} when it
+        is not registered (publish again).
+        """
+        self._request(heartbeat_call(module_id, process_id))
 
     def health(self) -> Health:
         result: Health = self._request(health_call())

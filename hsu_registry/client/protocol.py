@@ -24,7 +24,15 @@ from hsu_registry.durations import parse_duration
 from hsu_registry.errors import InvalidRequest
 from hsu_registry.model import validate_id
 
-__all__ = ["Call", "Health", "discover_call", "health_call", "publish_call", "unpublish_call"]
+__all__ = [
+    "Call",
+    "Health",
+    "discover_call",
+    "health_call",
+    "heartbeat_call",
+    "publish_call",
+    "unpublish_call",
+]
 
 
 @frozen
@@ -68,7 +76,11 @@ class Call:
                     f"the registry's {self.operation} answer is malformed: {e}"
                 ) from None
         message, context = _error(parsed, status)
-        if status == 404 and self.operation == "discover" and message == "module not found":
+        if (
+            status == 404
+            and self.operation in ("discover", "heartbeat")
+            and message == "module not found"
+        ):
             assert self.module_id is not None
             raise ModuleNotFound(self.module_id)
         if 400 <= status < 500:
@@ -110,7 +122,13 @@ def _health(call: Call, parsed: Any) -> Health:
     )
 
 
-_RESULTS = {"publish": _nothing, "unpublish": _nothing, "discover": _apis, "health": _health}
+_RESULTS = {
+    "publish": _nothing,
+    "unpublish": _nothing,
+    "heartbeat": _nothing,
+    "discover": _apis,
+    "health": _health,
+}
 
 
 def _segment(module_id: str) -> str:
@@ -149,6 +167,13 @@ def unpublish_call(module_id: str, process_id: int | None) -> Call:
     if process_id is not None:
         path += f"?processID={int(process_id)}"
     return Call("unpublish", "DELETE", path, None, module_id)
+
+
+def heartbeat_call(module_id: str, process_id: int | None) -> Call:
+    path = f"/api/v1/heartbeat/{_segment(module_id)}"
+    if process_id is not None:
+        path += f"?processID={int(process_id)}"
+    return Call("heartbeat", "PUT", path, None, module_id)
 
 
 def health_call() -> Call:

@@ -3,9 +3,10 @@
 L{PublishingService}: keeps a module's APIs registered for the module's whole
 life.
 
-It publishes on start, re-publishes every heartbeat interval (well inside the
-registry's stale time, so the registration never goes stale and a registry
-that restarted empty gets it back), retries with capped exponential backoff
+It publishes on start, sends a heartbeat every heartbeat interval (well
+inside the registry's stale time, so the registration never goes stale; a
+registry that restarted empty answers "module not found", and gets a full
+publish at once), retries with capped exponential backoff
 and jitter while the registry is down, and unpublishes on stop within a
 bounded time so shutdown never hangs on an unreachable registry.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from twisted.application.service import Service
@@ -23,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hsu_registry.client.errors import RegistryRejected
+from hsu_registry.client.errors import ModuleNotFound, RegistryRejected
 from hsu_registry.client.model import RemoteAPI
 
 __all__ = ["PublishingService"]
@@ -160,9 +161,44 @@ class PublishingService(Service):
 
     # -- publishing --------------------------------------------------------
 
-    def _schedule(self, delay: float) -> None:
+    def _schedule(self, delay: float, action: Callable[[], None] | None = None) -> None:
         if self.running:
-            self._next = self.clock.callLater(delay, self._publish)
+            self._next = self.clock.callLater(delay, action or self._publish)
+
+    def _beat(self) -> None:
+        """
+        A heartbeat for every module between publishes (C{PUT
+        /api/v1/heartbeat}); a registry that no longer knows a module (it
+        restarted empty) gets a full publish at once.  A client without
+        heartbeats re-publishes instead.
+        """
+        self._next = None
+        heartbeat = getattr(self.client, "heartbeat", None)
+        if heartbeat is None:
+            self._publish()
+            return
+        beats = [heartbeat(module_id, self.process_id) for module_id in self.module_ids]
+        d: Deferred[Any] = DeferredList(beats, consumeErrors=True, fireOnOneErrback=False)
+        self._inflight = d
+
+        def beaten(results: list[tuple[bool, Any]]) -> None:
+            if self._inflight is d:
+                self._inflight = None
+            if not self.running:
+                return
+            failures = [result for ok, result in results if not ok]
+            if any(f.check(ModuleNotFound) for f in failures):
+                self.log.warn(
+                    "The registry no longer knows {modules}; publishing again",
+                    modules=", ".join(self.module_ids),
+                )
+                self._publish()
+            elif failures:
+                self._failed(failures[0])
+            else:
+                self._schedule(self.heartbeat_interval, self._beat)
+
+        d.addCallback(beaten)
 
     def _publish(self) -> None:
         self._next = None
@@ -188,7 +224,7 @@ class PublishingService(Service):
             )
         self.state = "registered"
         self.failures = 0
-        self._schedule(self.heartbeat_interval)
+        self._schedule(self.heartbeat_interval, self._beat)
 
     def retry_delay(self, failures: int) -> float:
         """The delay before retry number C{failures}: capped doubling, halved by jitter at most."""

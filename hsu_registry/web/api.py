@@ -214,6 +214,13 @@ class RegistryAPI:
 
         return Deferred.fromCoroutine(held())
 
+    @app.route("/api/v1/heartbeat/<moduleID>", methods=["PUT"])
+    def heartbeat(self, request: IRequest, moduleID: str) -> bytes:
+        args = request.args or {}
+        process_id = parse_process_id(args.get(b"processID"), self.limits)
+        self.registry.heartbeat(moduleID, process_id)
+        return json_response(request, SUCCESS)
+
     @app.route("/api/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
         status = self.registry.health()
