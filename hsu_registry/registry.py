@@ -124,8 +124,10 @@ class Registry:
         self._modules: Table[str, PlainRegistration] = Table()
         self._last_seen: dict[str, float] = {}
         self._total_apis = 0
-        # Service ID -> the modules serving it (tuples: untracked by the GC).
-        self._by_service: Table[str, tuple[str, ...]] = Table()
+        # Service ID -> the modules serving it, as dict keys: O(1) to add and
+        # remove however many modules share a service, and a dict of strings
+        # to None is never tracked by the cyclic GC.
+        self._by_service: Table[str, dict[str, None]] = Table()
         # Expiry heap of (last seen when pushed, token, module ID): one live
         # entry per module, found again by its token; refreshed lazily on pop.
         self._expiry: list[tuple[float, int, str]] = []
@@ -159,7 +161,7 @@ class Registry:
     def providers(self, service_id: str) -> list[tuple[Registration, float]]:
         """The registrations with an API serving C{service_id}, and their last-seen times."""
         out = []
-        for module_id in self._by_service.get(service_id, ()):
+        for module_id in list(self._by_service.get(service_id, {})):
             plain = self._modules.get(module_id)
             if plain is not None:
                 out.append((Registration.from_plain(plain), self._last_seen[module_id]))
@@ -372,17 +374,15 @@ class Registry:
 
     def _index_services(self, registration: Registration, add: bool) -> None:
         module_id = registration.module_id
-        services = {sid for api in registration.apis for sid in api.service_ids}
-        for service_id in services:
-            providers = self._by_service.get(service_id, ())
+        for service_id in {sid for api in registration.apis for sid in api.service_ids}:
+            providers = self._by_service.get(service_id)
             if add:
-                if module_id not in providers:
-                    self._by_service[service_id] = (*providers, module_id)
-            elif module_id in providers:
-                rest = tuple(m for m in providers if m != module_id)
-                if rest:
-                    self._by_service[service_id] = rest
-                else:
+                if providers is None:
+                    self._by_service[service_id] = providers = {}
+                providers[module_id] = None
+            elif providers is not None:
+                providers.pop(module_id, None)
+                if not providers:
                     del self._by_service[service_id]
 
     def _insert(self, registration: Registration, last_seen: float) -> None:

@@ -70,6 +70,19 @@ class RegistryShapeTests(SynchronousTestCase):
             gctune.replaced()
         self.assertEqual(collected, [0, 0])
 
+    def test_service_index(self) -> None:
+        """The service index follows publishes and removals and stays untracked by the GC."""
+        registry = Registry(MemoryStore(), Clock())
+        for name in ("a", "b", "c"):
+            self.successResultOf(registry.publish(publish_request(name, apis=2)))
+        self.successResultOf(registry.unpublish("b"))
+        providers = [r.module_id for r, _ in registry.providers("service0")]
+        self.assertEqual(providers, ["a", "c"])
+        self.successResultOf(registry.publish(publish_request("a", apis=1)))  # drops service1
+        self.assertEqual([r.module_id for r, _ in registry.providers("service1")], ["c"])
+        gc.collect()
+        self.assertFalse(gc.is_tracked(registry._by_service["service0"]))
+
     def test_plain_round_trip(self) -> None:
         """A registration survives the trip to plain tuples and back unchanged."""
         registry = Registry(MemoryStore(), Clock())
