@@ -73,7 +73,7 @@ from bench import wrk
 from bench.daemon import Server, Workspace, log_tail, start_daemon, stop_process
 from bench.loadgen import BEHIND_LIMIT_S
 from bench.stats import median
-from bench.throughput import Settings, request_for, summarise
+from bench.throughput import Settings, request_for, run_loadgen, summarise
 from bench.workload import PUBLISH_PATH, paced_publish_template
 
 __all__ = [
@@ -186,22 +186,7 @@ def _load(
         warm = once(settings.warmup, "w" + prefix)
         figures = once(settings.duration, prefix)
         return figures, _acknowledged(warm) + _acknowledged(figures), 2 * cell.connections
-    args = [
-        *target.loadgen_args(),
-        f"--method={method}",
-        f"--path={path}",
-        f"--connections={cell.connections}",
-        f"--warmup={settings.warmup}",
-        f"--duration={settings.duration}",
-        f"--id-prefix={prefix}",
-        "--timeout=30",
-    ]
-    if body is not None:
-        args.append(f"--body={body}")
-    out = workspace.run_python(
-        "bench.loadgen", args, timeout=settings.warmup + settings.duration + 60
-    )
-    figures = json.loads(out)
+    figures = run_loadgen(workspace, target, method, path, body, cell.connections, settings, prefix)
     return figures, _acknowledged(figures), cell.connections
 
 

@@ -97,16 +97,22 @@ def request_for(operation: str) -> tuple[str, str, str | None, bool]:
     raise ValueError(operation)
 
 
-def _run_python(
-    workspace: Workspace, cell: _Cell, settings: Settings, prefix: str
+def run_loadgen(
+    workspace: Workspace,
+    target: Any,
+    method: str,
+    path: str,
+    body: str | None,
+    connections: int,
+    settings: Settings,
+    prefix: str,
 ) -> dict[str, Any]:
-    method, path, body, _ = request_for(cell.operation)
-    target = cell.server.target(cell.transport)
+    """One warm-up and measured run of the Python generator (C{bench.loadgen}) on C{target}."""
     args = [
         *target.loadgen_args(),
         f"--method={method}",
         f"--path={path}",
-        f"--connections={cell.connections}",
+        f"--connections={connections}",
         f"--warmup={settings.warmup}",
         f"--duration={settings.duration}",
         f"--id-prefix={prefix}",
@@ -119,6 +125,14 @@ def _run_python(
     )
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+def _run_python(
+    workspace: Workspace, cell: _Cell, settings: Settings, prefix: str
+) -> dict[str, Any]:
+    method, path, body, _ = request_for(cell.operation)
+    target = cell.server.target(cell.transport)
+    return run_loadgen(workspace, target, method, path, body, cell.connections, settings, prefix)
 
 
 def _run_wrk(cell: _Cell, settings: Settings, prefix: str) -> dict[str, Any]:

@@ -362,13 +362,6 @@ def _positive_count(value: str) -> int:
     return int(value)
 
 
-def _plan_watch(args: argparse.Namespace) -> _Action:
-    def unused(client: BlockingRegistryClient) -> _Outcome:
-        raise AssertionError("watch streams: see _watch")
-
-    return unused
-
-
 def _watch(
     client: BlockingRegistryClient, args: argparse.Namespace, out: IO[str], err: IO[str]
 ) -> int:
@@ -408,7 +401,6 @@ def _watch(
 
 
 _COMMANDS: Mapping[str, Callable[[argparse.Namespace], _Action]] = {
-    "watch": _plan_watch,
     "health": _plan_health,
     "publish": _plan_publish,
     "discover": _plan_discover,
@@ -474,7 +466,9 @@ def run(
 
     try:
         args = _build_parser(out).parse_args(sys.argv[1:] if argv is None else list(argv))
-        action = _COMMANDS[args.command](args)
+        # watch streams its output as it comes (see _watch); the others plan
+        # one request and print its outcome.
+        action = None if args.command == "watch" else _COMMANDS[args.command](args)
         try:
             address = parse_registry_url(args.url, env)
         except ValueError as e:
@@ -487,7 +481,7 @@ def run(
         return e.status
 
     try:
-        if args.command == "watch":
+        if action is None:
             return _watch(client, args, out, err)
         outcome = action(client)
     except ModuleNotFound as e:
