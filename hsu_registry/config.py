@@ -30,6 +30,10 @@ class RegistryConfig:
     cleanup_interval: float = 60.0
     flush_interval: float = 5.0
     discover_heartbeat: bool = True
+    # Bind registrations published over a unix socket to the publishing
+    # process (see hsu_registry.processes); needs Linux's /proc.
+    process_binding: bool = True
+    process_poll_interval: float = 0.5
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     max_modules: int = 100_000
     store: str = "memory"

@@ -17,10 +17,11 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from hsu_registry.model import PublishRequest, Registration
+    from hsu_registry.processes.table import ProcessIdentity
     from hsu_registry.registry import Change, HealthStatus
     from hsu_registry.stores import StoredRegistration
 
-__all__ = ["IRegistry", "IStore"]
+__all__ = ["IProcessMonitor", "IRegistry", "IStore"]
 
 
 class IStore(Interface):
@@ -70,6 +71,42 @@ class IStore(Interface):
         """
 
 
+class IProcessMonitor(Interface):
+    """
+    Knows which process a unix-socket peer is and calls back when a watched
+    process exits: what process-bound registrations are built on.
+    """
+
+    def identify(peer: int, process_id: int) -> ProcessIdentity | None:
+        """
+        @param peer: the PID of the connection's peer (from C{SO_PEERCRED}).
+        @param process_id: the process ID a module published.
+        @return: the process to bind the registration to (the peer, or the
+            peer's parent, when C{process_id} names it), or L{None}.
+        """
+
+    def alive(identity: ProcessIdentity) -> bool:
+        """
+        @return: whether that very process (PID and start time) is running.
+        """
+
+    def watch(identity: ProcessIdentity, on_exit: Callable[[ProcessIdentity], object]) -> None:
+        """
+        Call C{on_exit(identity)} once, from the reactor, when the process
+        exits (or soon, when it is gone already).
+        """
+
+    def unwatch(identity: ProcessIdentity) -> None:
+        """
+        Stop watching C{identity}.
+        """
+
+    def close() -> None:
+        """
+        Stop watching every process.
+        """
+
+
 class IRegistry(Interface):
     """
     The registry: the in-memory truth about which module serves what.
@@ -103,12 +140,28 @@ class IRegistry(Interface):
         @return: a Deferred firing with the number of registrations loaded.
         """
 
-    def publish(request: PublishRequest) -> Deferred[Change | None]:
+    def binding(module_id: str) -> ProcessIdentity | None:
+        """
+        @return: the process C{module_id}'s registration is bound to, or
+            L{None} when it lives by heartbeats alone.
+        """
+
+    def is_stale(module_id: str, now: float) -> bool:
+        """
+        @return: whether C{module_id} is registered but not discoverable
+            at C{now} (not seen for C{stale_after}, not bound to a process).
+        """
+
+    def publish(request: PublishRequest, peer: int | None = None) -> Deferred[Change | None]:
         """
         Create or replace a module's registration from a
         L{hsu_registry.model.PublishRequest}; counts as a heartbeat.  The same
         content again (same process, same APIs) is only a heartbeat: nothing
         is written, the change index does not move.
+
+        @param peer: the PID of the unix-socket peer that sent it, if known:
+            when the published process ID names that process (or its
+            parent), the registration is bound to the process.
 
         @return: a Deferred firing with the L{hsu_registry.registry.Change},
             or L{None} for a heartbeat.
@@ -123,10 +176,11 @@ class IRegistry(Interface):
         @raise hsu_registry.errors.ModuleNotFound: unknown or stale.
         """
 
-    def heartbeat(module_id: str, process_id: int | None) -> None:
+    def heartbeat(module_id: str, process_id: int | None, peer: int | None = None) -> None:
         """
         Refresh a registration's last-seen time; with C{process_id}, only for
-        its owner.
+        its owner.  From a unix-socket C{peer} that is the owner, it binds
+        the registration to that process (as L{publish} does).
 
         @raise hsu_registry.errors.ModuleNotFound: unknown module.
         @raise hsu_registry.errors.NotOwner: another process owns it.

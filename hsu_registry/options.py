@@ -82,9 +82,19 @@ class Options(usage.Options):
     optFlags: list[list[Any]] = [
         ["access-log", None, "Log every request (costs about 15% of throughput)."],
         [
+            "discover-heartbeat",
+            None,
+            "Discovery refreshes the module it finds, as in the original (the default).",
+        ],
+        [
             "no-discover-heartbeat",
             None,
             "Discovery does not refresh a module (modules must publish or PUT heartbeats).",
+        ],
+        [
+            "no-process-binding",
+            None,
+            "Do not bind registrations published over a unix socket to the publishing process.",
         ],
     ]
 
@@ -139,6 +149,8 @@ class Options(usage.Options):
         return value
 
     def postOptions(self) -> None:
+        if self["discover-heartbeat"] and self["no-discover-heartbeat"]:
+            raise usage.UsageError("give one of --discover-heartbeat and --no-discover-heartbeat")
         endpoints = list(self["endpoints"]) + self._seed_endpoints()
         stale_after = self._duration("stale-after")
         expire_after = self._duration("expire-after")
@@ -168,4 +180,5 @@ class Options(usage.Options):
             access_log=bool(self["access-log"]),
             freeze_gc=True,
             discover_heartbeat=not self["no-discover-heartbeat"],
+            process_binding=not self["no-process-binding"],
         )

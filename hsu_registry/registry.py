@@ -19,6 +19,7 @@ import heapq
 import itertools
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import TypeVar
 
 from attrs import frozen
@@ -37,8 +38,9 @@ from hsu_registry.errors import (
     StoreUnavailable,
 )
 from hsu_registry.gctune import Table
-from hsu_registry.interfaces import IRegistry, IStore
+from hsu_registry.interfaces import IProcessMonitor, IRegistry, IStore
 from hsu_registry.model import PlainRegistration, PublishRequest, Registration
+from hsu_registry.processes.table import ProcessIdentity
 
 __all__ = ["Change", "ChangeKind", "HealthStatus", "Registry"]
 
@@ -92,6 +94,11 @@ class Registry:
     @param expire_batch: how many expired modules one reactor turn removes.
     @param discover_heartbeat: whether discovery refreshes a module's
         last-seen time, as in the original (on by default for compatibility).
+    @param processes: what binds registrations to the processes that
+        published them over a unix socket; L{None} binds none.  A bound
+        registration lives exactly as long as its process: it never goes
+        stale or expires while the process runs, and is removed as soon as
+        the process exits.
     """
 
     log = Logger()
@@ -106,6 +113,7 @@ class Registry:
         epoch: str | None = None,
         expire_batch: int = 100,
         discover_heartbeat: bool = True,
+        processes: IProcessMonitor | None = None,
     ) -> None:
         if expire_after < stale_after:
             raise ValueError("expire_after must not be less than stale_after")
@@ -139,6 +147,11 @@ class Registry:
         self._tails: dict[str, Deferred[None]] = {}
         self._reserved = 0
         self._observers: list[Observer] = []
+        # Process-bound registrations: module -> process, and process ->
+        # its modules (one watch per process, however many modules).
+        self._processes = processes
+        self._bound: dict[str, ProcessIdentity] = {}
+        self._by_process: dict[ProcessIdentity, dict[str, None]] = {}
 
     # -- reads -----------------------------------------------------------
 
@@ -175,23 +188,46 @@ class Registry:
         """The last heartbeat time of C{module_id}, or L{None} when unknown."""
         return self._last_seen.get(module_id)
 
+    def binding(self, module_id: str) -> ProcessIdentity | None:
+        """The process C{module_id}'s registration is bound to, if any."""
+        return self._bound.get(module_id)
+
+    def is_stale(self, module_id: str, now: float) -> bool:
+        """
+        Whether C{module_id} is registered but not discoverable: not seen for
+        C{stale_after} and not bound to a running process.
+        """
+        seen = self._last_seen.get(module_id)
+        if seen is None or module_id in self._bound:
+            return False
+        return now - seen > self.stale_after
+
+    @property
+    def bound_processes(self) -> int:
+        """How many distinct processes the bound registrations belong to."""
+        return len(self._by_process)
+
     def discover(self, module_id: str) -> Registration:
         plain = self._modules.get(module_id)
         if plain is None:
             raise ModuleNotFound(module_id)
         now = self._clock.seconds()
-        if now - self._last_seen[module_id] > self.stale_after:
+        if now - self._last_seen[module_id] > self.stale_after and module_id not in self._bound:
             raise ModuleNotFound(module_id)
         if self.discover_heartbeat:
             self._last_seen[module_id] = now
             self._touched.add(module_id)
         return Registration.from_plain(plain)
 
-    def heartbeat(self, module_id: str, process_id: int | None = None) -> None:
+    def heartbeat(
+        self, module_id: str, process_id: int | None = None, peer: int | None = None
+    ) -> None:
         """
         Refresh C{module_id}'s last-seen time (its owner says it is alive);
         with C{process_id}, only for the owning process.  Batched to the store
-        like every heartbeat.
+        like every heartbeat.  From a unix-socket C{peer} that is the owning
+        process (or its child), it binds the registration to that process:
+        how bindings come back after the registry restarted.
 
         @raise ModuleNotFound: when the module is not registered (it expired,
             or the registry restarted empty: publish again).
@@ -207,6 +243,9 @@ class Registry:
             )
         self._last_seen[module_id] = self._clock.seconds()
         self._touched.add(module_id)
+        identity = self._identify(peer, plain[1])
+        if identity is not None:
+            self._rebind(module_id, identity, plain[1])
 
     def health(self) -> HealthStatus:
         return HealthStatus(
@@ -302,11 +341,12 @@ class Registry:
             )
         )
 
-    def publish(self, request: PublishRequest) -> Deferred[Change | None]:
-        return self._serialised(request.module_id, lambda: self._publish(request))
+    def publish(self, request: PublishRequest, peer: int | None = None) -> Deferred[Change | None]:
+        return self._serialised(request.module_id, lambda: self._publish(request, peer))
 
-    def _publish(self, request: PublishRequest) -> Deferred[Change | None]:
+    def _publish(self, request: PublishRequest, peer: int | None) -> Deferred[Change | None]:
         now = self._clock.seconds()
+        identity = self._identify(peer, request.process_id)
         existing = self._modules.get(request.module_id)
         if existing is None:
             if len(self._modules) + self._reserved >= self.max_modules:
@@ -329,6 +369,7 @@ class Registry:
             # in batches), no change to index or announce.
             self._last_seen[request.module_id] = now
             self._touched.add(request.module_id)
+            self._rebind(request.module_id, identity, request.process_id)
             self.log.debug(
                 "Refreshed module {module_id} (process {process_id})",
                 module_id=request.module_id,
@@ -344,9 +385,11 @@ class Registry:
         d = self._store.save(registration, now)
         d.addBoth(release)
         d.addErrback(self._persist_failed, "save", request.module_id)
-        return d.addCallback(lambda _: self._apply_publish(registration, now))
+        return d.addCallback(lambda _: self._apply_publish(registration, now, identity))
 
-    def _apply_publish(self, registration: Registration, now: float) -> Change:
+    def _apply_publish(
+        self, registration: Registration, now: float, identity: ProcessIdentity | None
+    ) -> Change:
         module_id = registration.module_id
         previous = self._modules.get(module_id)
         if previous is None:
@@ -361,6 +404,7 @@ class Registry:
             gctune.replaced()
             kind = ChangeKind.UPDATED
         self._touched.discard(module_id)
+        self._rebind(module_id, identity, registration.process_id)
         change = self._record(kind, registration)
         self.log.info(
             "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index})",
@@ -398,7 +442,88 @@ class Registry:
         self._expiry_token[module_id] = token
         heapq.heappush(self._expiry, (seen, token, module_id))
 
+    # -- process binding -------------------------------------------------
+
+    def _identify(self, peer: int | None, process_id: int) -> ProcessIdentity | None:
+        if peer is None or self._processes is None:
+            return None
+        return self._processes.identify(peer, process_id)
+
+    def _rebind(self, module_id: str, identity: ProcessIdentity | None, process_id: int) -> None:
+        """
+        Bind C{module_id} to C{identity} after a publish or heartbeat.  Without
+        an identity (a publish over TCP, say) a binding stays only while the
+        registration still names the bound process.
+        """
+        current = self._bound.get(module_id)
+        if identity is None:
+            if current is not None and current.pid != process_id:
+                self._unbind(module_id)
+            return
+        if current == identity:
+            return
+        if current is not None:
+            self._unbind(module_id)
+        assert self._processes is not None
+        self._bound[module_id] = identity
+        modules = self._by_process.get(identity)
+        if modules is None:
+            self._by_process[identity] = modules = {}
+            self._processes.watch(identity, self._process_exited)
+        modules[module_id] = None
+        self.log.info(
+            "Bound module {module_id} to process {pid} (started at tick {start_time})",
+            module_id=module_id,
+            pid=identity.pid,
+            start_time=identity.start_time,
+        )
+
+    def _unbind(self, module_id: str) -> None:
+        identity = self._bound.pop(module_id, None)
+        if identity is None:
+            return
+        modules = self._by_process.get(identity)
+        if modules is not None:
+            modules.pop(module_id, None)
+            if not modules:
+                del self._by_process[identity]
+                if self._processes is not None:
+                    self._processes.unwatch(identity)
+
+    def _process_exited(self, identity: ProcessIdentity) -> None:
+        """Remove every registration bound to a process that has exited."""
+        for module_id in list(self._by_process.get(identity, ())):
+            d = self._serialised(module_id, partial(self._expire_bound, module_id, identity))
+            d.addErrback(lambda _: None)  # logged by _persist_failed
+
+    def _expire_bound(self, module_id: str, identity: ProcessIdentity) -> Deferred[Change | None]:
+        if self._bound.get(module_id) != identity:
+            return succeed(None)  # rebound or removed since
+
+        def apply(_: object) -> Change | None:
+            if self._bound.get(module_id) != identity:
+                return None
+            registration = self._remove(module_id)
+            change = self._record(ChangeKind.EXPIRED, registration)
+            self.log.info(
+                "Expired module {module_id}: its process {pid} exited (index {index})",
+                module_id=module_id,
+                pid=identity.pid,
+                index=change.index,
+            )
+            return change
+
+        def failed(failure: Failure) -> Failure:
+            # Not removed: let it age out by time like any unbound module.
+            self._unbind(module_id)
+            return failure
+
+        d = self._store.remove([module_id])
+        d.addErrback(self._persist_failed, "expire", module_id)
+        return d.addCallbacks(apply, failed)
+
     def _remove(self, module_id: str) -> Registration:
+        self._unbind(module_id)
         plain = self._modules.pop(module_id)
         del self._last_seen[module_id]
         del self._expiry_token[module_id]
@@ -485,7 +610,11 @@ class Registry:
             if self._expiry_token.get(module_id) != token:
                 continue  # the module was removed (and maybe published anew)
             seen = self._last_seen[module_id]
-            if seen >= cutoff:
+            if module_id in self._bound:
+                # Alive while its process is: look again an expiry period on.
+                self._push_expiry(module_id, cutoff + self.expire_after)
+                gctune.replaced()
+            elif seen >= cutoff:
                 self._push_expiry(module_id, seen)  # refreshed since it was queued
                 gctune.replaced()
             elif module_id in self._tails:

@@ -7,6 +7,7 @@ last, so that stopping takes the listeners down before what serves them.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -20,7 +21,7 @@ from twisted.web.resource import IResource
 from hsu_registry.config import RegistryConfig
 from hsu_registry.endpoints import ListenerService
 from hsu_registry.gctune import freeze_long_lived
-from hsu_registry.interfaces import IStore
+from hsu_registry.interfaces import IProcessMonitor, IStore
 from hsu_registry.registry import Registry
 from hsu_registry.stores import parse_store_spec
 from hsu_registry.stores.memory import MemoryStore
@@ -30,8 +31,10 @@ from hsu_registry.web.site import RegistrySite
 __all__ = [
     "CleanupService",
     "HeartbeatFlushService",
+    "ProcessMonitorService",
     "RegistryService",
     "StoreService",
+    "build_process_monitor",
     "build_store",
     "makeService",
 ]
@@ -147,6 +150,31 @@ class HeartbeatFlushService(_PeriodicService):
         )
 
 
+def build_process_monitor(config: RegistryConfig, reactor: Any) -> IProcessMonitor | None:
+    """
+    The process monitor behind process-bound registrations, or L{None} when
+    they are off or the host has no C{/proc} to identify processes by.
+    """
+    if not config.process_binding or not os.path.isdir("/proc/self"):
+        return None
+    from hsu_registry.processes.monitor import ProcessMonitor
+
+    return ProcessMonitor(reactor, poll_interval=config.process_poll_interval)
+
+
+class ProcessMonitorService(Service):
+    """Stops watching processes (closing every pidfd) when the daemon stops."""
+
+    name = "process-monitor"
+
+    def __init__(self, monitor: IProcessMonitor) -> None:
+        self.monitor = monitor
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.monitor.close()
+
+
 class RegistryService(MultiService):
     """
     The whole daemon: store, registry, cleanup and one listener per endpoint,
@@ -160,6 +188,7 @@ class RegistryService(MultiService):
         super().__init__()
         self.config = config
         self.store = build_store(config.store, reactor)
+        self.processes = build_process_monitor(config, reactor)
         self.registry = Registry(
             self.store,
             clock=reactor,
@@ -167,6 +196,7 @@ class RegistryService(MultiService):
             expire_after=config.expire_after,
             max_modules=config.max_modules,
             discover_heartbeat=config.discover_heartbeat,
+            processes=self.processes,
         )
         self.api = RegistryAPI(self.registry, config.limits)
         self.site = RegistrySite(
@@ -178,6 +208,8 @@ class RegistryService(MultiService):
         StoreService(self.registry, self.store).setServiceParent(self)
         CleanupService(self.registry, config.cleanup_interval, reactor).setServiceParent(self)
         HeartbeatFlushService(self.registry, config.flush_interval, reactor).setServiceParent(self)
+        if self.processes is not None:
+            ProcessMonitorService(self.processes).setServiceParent(self)
         self.listeners: list[ListenerService] = []
         for number, description in enumerate(config.endpoints):
             listener = ListenerService(reactor, description, self.site)  # type: ignore[arg-type]

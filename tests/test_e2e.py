@@ -781,3 +781,54 @@ class CurlTests(E2ETestCase):
 
         await self.stop(process, "TERM")
         self.assertExitCode(process, 0)
+
+
+# A module process: publishes over the unix socket as itself, says so, waits.
+_BOUND_MODULE = """
+import os, sys, time
+from hsu_registry.client import BlockingRegistryClient, RemoteAPI, RemoteModuleAPI
+client = BlockingRegistryClient(sys.argv[1])
+client.publish_apis([RemoteAPI("doomed", [RemoteModuleAPI(["svc"], 9999, "http")])])
+print("published", os.getpid(), flush=True)
+time.sleep(120)
+"""
+
+
+class ProcessBoundTests(E2ETestCase):
+    """A module killed with SIGKILL disappears without waiting for staleness."""
+
+    async def test_killedModuleIsRemovedAtOnce(self) -> None:
+        """
+        A module that publishes over the unix socket as its own process is
+        bound to it (C{GET /api/v1/modules/{id}} says so); C{kill -9} of that
+        process removes it, which a blocking catalog query sees as the next
+        change, and the daemon logs why.
+        """
+        if not os.path.isdir("/proc/self"):
+            raise SkipTest("no /proc on this host")
+        path = os.path.join(self.short_temp_dir(), "registry.sock")
+        registry = self.spawn_registry(f"--endpoint=unix:{path}")
+        await registry.wait_for(UNIX_LISTENING)
+        module = self.spawn([sys.executable, "-c", _BOUND_MODULE, f"unix://{path}"])
+        match = await module.wait_for(re.compile(rb"published (\d+)"), "stdout")
+        pid = int(match.group(1))
+
+        client = self.http_client(unix_path=path)
+        response = await self.request(client, "GET", "http://localhost/api/v1/modules/doomed")
+        self.assertEqual(response.code, 200, response)
+        entry = response.json()
+        self.assertEqual((entry["processBound"], entry["boundPID"]), (True, pid))
+        index = response.header("x-hsu-index")
+
+        module.signal("KILL")
+        response = await self.request(
+            client, "GET", f"http://localhost/api/v1/modules?index={index}&wait=10s"
+        )
+        self.assertEqual(response.json(), {"modules": []})
+        self.assertEqual(int(response.header("x-hsu-index") or 0), int(index or 0) + 1)
+        await registry.wait_for(re.compile(rb"Expired module doomed: its process %d exited" % pid))
+        response = await self.request(client, "GET", "http://localhost/api/v1/discover/doomed")
+        self.assertEqual(response.code, 404)
+        await self.stop(registry)
+        self.assertExitCode(registry, 0)
+        self.assertNoTraceback(registry)

@@ -118,6 +118,13 @@ class OptionsTests(SynchronousTestCase):
         """Discovery is a heartbeat unless --no-discover-heartbeat."""
         self.assertTrue(parse().discover_heartbeat)
         self.assertFalse(parse("--no-discover-heartbeat").discover_heartbeat)
+        self.assertTrue(parse("--discover-heartbeat").discover_heartbeat)
+        self.assertRaises(UsageError, parse, "--discover-heartbeat", "--no-discover-heartbeat")
+
+    def test_process_binding(self) -> None:
+        """Registrations are bound to their processes unless --no-process-binding."""
+        self.assertTrue(parse().process_binding)
+        self.assertFalse(parse("--no-process-binding").process_binding)
 
     def test_access_log(self) -> None:
         """--access-log turns on request logging."""

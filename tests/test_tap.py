@@ -22,6 +22,7 @@ from hsu_registry.config import RegistryConfig
 from hsu_registry.service import (
     CleanupService,
     HeartbeatFlushService,
+    ProcessMonitorService,
     RegistryService,
     StoreService,
     makeService,
@@ -73,7 +74,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(children[1], CleanupService)
         self.assertIsInstance(children[2], HeartbeatFlushService)
         self.assertEqual(children[2].interval, 5.0)
-        children = [children[0], children[1], *children[3:]]
+        self.assertIsInstance(children[3], ProcessMonitorService)
+        self.assertIs(children[3].monitor, service.registry._processes)
+        children = [children[0], children[1], *children[4:]]
         self.assertEqual([c.name for c in children[2:]], ["listener-0", "listener-1"])
         self.assertIs(children[2].factory, children[3].factory)
         self.assertIs(children[2].factory, service.site)

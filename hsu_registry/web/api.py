@@ -30,6 +30,7 @@ from hsu_registry.model import (
     parse_process_id,
     parse_publish_body,
 )
+from hsu_registry.processes.peers import peer_pid
 from hsu_registry.watch import ChangeLog
 from hsu_registry.web.catalog import module_entry
 from hsu_registry.web.responses import SUCCESS, error_response, json_response
@@ -55,6 +56,7 @@ class RegistryAPI:
         limits: Limits = DEFAULT_LIMITS,
         changelog: ChangeLog | None = None,
         clock: IReactorTime | None = None,
+        peer: Callable[[IRequest], int | None] | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits
@@ -62,6 +64,7 @@ class RegistryAPI:
         self.changelog = changelog if changelog is not None else ChangeLog(registry, self.clock)
         self.watchers = WatchHub(self.changelog, self.clock)
         self._catalog: tuple[object, bytes] = (None, b"")
+        self.peer: Callable[[IRequest], int | None] = peer if peer is not None else _peer_of_request
 
     def resource(self) -> IResource:
         """The API as a resource that answers every request with JSON."""
@@ -72,7 +75,8 @@ class RegistryAPI:
     @app.route("/api/v1/publish", methods=["POST"])
     def publish(self, request: IRequest) -> bytes | Deferred[bytes]:
         body = request.content.read() if request.content is not None else b""
-        done = self.registry.publish(parse_publish_body(body, self.limits))
+        parsed = parse_publish_body(body, self.limits)
+        done = self.registry.publish(parsed, self.peer(request))
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
@@ -105,8 +109,9 @@ class RegistryAPI:
         key = (self.registry.epoch, self.registry.index, int(now))
         if self._catalog[0] != key:
             stale = self.registry.stale_after
+            binding = self.registry.binding
             entries = [
-                module_entry(registration, seen, now, stale)
+                module_entry(registration, seen, now, stale, binding(registration.module_id))
                 for registration, seen in self.registry.registrations()
             ]
             self._catalog = (key, b'{"modules":[' + b",".join(entries) + b"]}")
@@ -123,7 +128,13 @@ class RegistryAPI:
         if registration is None or seen is None:
             raise ModuleNotFound(module_id)
         self._index_headers(request)
-        entry = module_entry(registration, seen, self.clock.seconds(), self.registry.stale_after)
+        entry = module_entry(
+            registration,
+            seen,
+            self.clock.seconds(),
+            self.registry.stale_after,
+            self.registry.binding(module_id),
+        )
         return json_response(request, entry)
 
     @app.route("/api/v1/services/<serviceID>", methods=["GET"])
@@ -132,15 +143,16 @@ class RegistryAPI:
 
     def _service(self, request: IRequest, service_id: str) -> bytes:
         now = self.clock.seconds()
-        stale = self.registry.stale_after
         providers = []
-        for registration, seen in self.registry.providers(service_id):
+        for registration, _seen in self.registry.providers(service_id):
             apis = [api.to_json() for api in registration.apis if service_id in api.service_ids]
             provider = {
                 "moduleID": registration.module_id,
                 "processID": registration.process_id,
                 "apis": apis,
-                "state": "stale" if now - seen > stale else "ready",
+                "state": "stale"
+                if self.registry.is_stale(registration.module_id, now)
+                else "ready",
             }
             providers.append(provider)
         self._index_headers(request)
@@ -218,7 +230,7 @@ class RegistryAPI:
     def heartbeat(self, request: IRequest, moduleID: str) -> bytes:
         args = request.args or {}
         process_id = parse_process_id(args.get(b"processID"), self.limits)
-        self.registry.heartbeat(moduleID, process_id)
+        self.registry.heartbeat(moduleID, process_id, self.peer(request))
         return json_response(request, SUCCESS)
 
     @app.route("/api/v1/health", methods=["GET"])
@@ -273,6 +285,11 @@ class RegistryAPI:
     def _klein_failed(self, request: IRequest, failure: Failure) -> bytes:
         # For hosts that serve ``app.resource()`` (Klein's own glue) directly.
         return self.failed(request, failure)
+
+
+def _peer_of_request(request: IRequest) -> int | None:
+    """The PID of a request's unix-socket peer (see L{peer_pid})."""
+    return peer_pid(getattr(request, "transport", None))
 
 
 def _parse_index(raw: bytes, what: str) -> int:

@@ -11,6 +11,7 @@ import datetime
 import json
 
 from hsu_registry.model import Registration
+from hsu_registry.processes.table import ProcessIdentity
 
 __all__ = ["module_entry", "rfc3339"]
 
@@ -22,11 +23,17 @@ def rfc3339(seconds: float) -> str:
 
 
 def module_entry(
-    registration: Registration, last_seen: float, now: float, stale_after: float
+    registration: Registration,
+    last_seen: float,
+    now: float,
+    stale_after: float,
+    bound: ProcessIdentity | None = None,
 ) -> bytes:
     """
-    C{{"moduleID", "apis", "processID", "registeredAt", "lastSeen", "state"}}
-    and, when the state is not C{ready}, a C{reason}.
+    C{{"moduleID", "apis", "processID", "registeredAt", "lastSeen",
+    "processBound", "state"}}, C{boundPID} when the registration is bound to
+    a process (it is then ready for as long as that process runs) and, when
+    the state is not C{ready}, a C{reason}.
     """
     body = registration.discover_body
     tail = (
@@ -34,7 +41,11 @@ def module_entry(
         f'"registeredAt":"{rfc3339(registration.registered_at)}",'
         f'"lastSeen":"{rfc3339(last_seen)}",'
     )
-    if now - last_seen > stale_after:
+    if bound is not None:
+        tail += f'"processBound":true,"boundPID":{bound.pid},'
+    else:
+        tail += '"processBound":false,'
+    if bound is None and now - last_seen > stale_after:
         reason = json.dumps(f"not seen since {rfc3339(last_seen)} (stale after {stale_after:g}s)")
         tail += f'"state":"stale","reason":{reason}}}'
     else:
