@@ -34,6 +34,8 @@ class RegistryConfig:
     # process (see hsu_registry.processes); needs Linux's /proc.
     process_binding: bool = True
     process_poll_interval: float = 0.5
+    # The most active health checks in flight at once.
+    check_concurrency: int = 32
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     max_modules: int = 100_000
     store: str = "memory"

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from hsu_registry.checks.spec import CheckSpec
     from hsu_registry.model import PublishRequest, Registration
     from hsu_registry.processes.table import ProcessIdentity
     from hsu_registry.registry import Change, HealthStatus
@@ -174,6 +175,17 @@ class IRegistry(Interface):
 
         @return: the L{hsu_registry.model.Registration} (synchronously).
         @raise hsu_registry.errors.ModuleNotFound: unknown or stale.
+        """
+
+    def set_status(
+        module_id: str, api_index: int, check: CheckSpec, status: str, output: str = ""
+    ) -> Deferred[Change | None]:
+        """
+        Record the result of a health check of one API: C{status} is
+        C{passing} or C{critical}; a change of status is a C{status} change.
+
+        @return: a Deferred firing with the L{Change}, or L{None} when
+            nothing changed (same status, or the API no longer has that check).
         """
 
     def heartbeat(module_id: str, process_id: int | None, peer: int | None = None) -> None:

@@ -17,11 +17,16 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
+from hsu_registry.checks.spec import CheckSpec, parse_check
 from hsu_registry.errors import InvalidRequest
 
 __all__ = [
+    "CRITICAL",
+    "PASSING",
+    "STATUSES",
+    "UNKNOWN",
     "Limits",
     "ModuleAPI",
     "PlainRegistration",
@@ -56,6 +61,13 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+#: The health of an API with a check: not checked yet, last check passed,
+#: last check failed.  An API without a check has no status.
+UNKNOWN = "unknown"
+PASSING = "passing"
+CRITICAL = "critical"
+STATUSES = (UNKNOWN, PASSING, CRITICAL)
+
 
 @frozen
 class ModuleAPI:
@@ -63,7 +75,9 @@ class ModuleAPI:
     One API endpoint of a module: the services it serves, where and how.
 
     ``address`` of L{None} means "the registry's host"; ``metadata`` is a tuple
-    of (key, value) pairs in the order published.
+    of (key, value) pairs in the order published.  An API published with a
+    ``check`` carries the C{status} its last check found (L{UNKNOWN} until
+    the first); one without has no status.
     """
 
     service_ids: tuple[str, ...]
@@ -71,6 +85,17 @@ class ModuleAPI:
     protocol: str
     address: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    check: CheckSpec | None = None
+    status: str | None = None
+
+    @property
+    def passing(self) -> bool:
+        """Whether C{?passing=true} lists it: its check passes, or it has none."""
+        return self.check is None or self.status == PASSING
+
+    def same_api(self, other: ModuleAPI) -> bool:
+        """Whether C{other} is this API, whatever either's status."""
+        return evolve(self, status=other.status) == other
 
     def to_json(self) -> dict[str, Any]:
         """The seed's JSON shape, with empty optional fields omitted."""
@@ -83,6 +108,9 @@ class ModuleAPI:
             out["address"] = self.address
         if self.metadata:
             out["metadata"] = dict(self.metadata)
+        if self.check is not None:
+            out["check"] = self.check.to_json()
+            out["status"] = self.status or UNKNOWN
         return out
 
     @classmethod
@@ -94,6 +122,8 @@ class ModuleAPI:
             protocol=raw["protocol"],
             address=raw.get("address"),
             metadata=tuple(raw.get("metadata", {}).items()),
+            check=CheckSpec.from_json(raw["check"]) if "check" in raw else None,
+            status=raw.get("status"),
         )
 
 
@@ -292,12 +322,15 @@ def parse_api(raw: Any, where: str, limits: Limits = DEFAULT_LIMITS) -> ModuleAP
             for key, value in raw_meta.items()
         )
 
+    check = parse_check(obj.get("check"), f"{where}.check")
     return ModuleAPI(
         service_ids=sids,
         server_port=port,
         protocol=protocol,
         address=address,
         metadata=metadata,
+        check=check,
+        status=UNKNOWN if check is not None else None,
     )
 
 

@@ -59,6 +59,12 @@ class Options(usage.Options):
         ],
         ["max-modules", None, "100000", "Most modules registered at once (more: 507)."],
         [
+            "check-concurrency",
+            None,
+            "32",
+            "Most health checks of registered APIs in flight at once.",
+        ],
+        [
             "store",
             None,
             "memory",
@@ -181,4 +187,5 @@ class Options(usage.Options):
             freeze_gc=True,
             discover_heartbeat=not self["no-discover-heartbeat"],
             process_binding=not self["no-process-binding"],
+            check_concurrency=_positive_int("check-concurrency", self["check-concurrency"]),
         )

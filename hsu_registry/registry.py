@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TypeVar
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hsu_registry import gctune
+from hsu_registry.checks.spec import CheckSpec
 from hsu_registry.errors import (
     ModuleNotFound,
     NotOwner,
@@ -39,7 +40,14 @@ from hsu_registry.errors import (
 )
 from hsu_registry.gctune import Table
 from hsu_registry.interfaces import IProcessMonitor, IRegistry, IStore
-from hsu_registry.model import PlainRegistration, PublishRequest, Registration
+from hsu_registry.model import (
+    STATUSES,
+    UNKNOWN,
+    ModuleAPI,
+    PlainRegistration,
+    PublishRequest,
+    Registration,
+)
 from hsu_registry.processes.table import ProcessIdentity
 
 __all__ = ["Change", "ChangeKind", "HealthStatus", "Registry"]
@@ -54,6 +62,8 @@ class ChangeKind(enum.Enum):
     UPDATED = "updated"
     UNPUBLISHED = "unpublished"
     EXPIRED = "expired"
+    #: A health check changed the status of one of its APIs.
+    STATUS = "status"
 
 
 @frozen
@@ -290,6 +300,11 @@ class Registry:
                 registration = record.registration
                 if registration.module_id in self._modules:
                     continue
+                if has_checks(registration):
+                    # Statuses are measured, not stored: unknown until checked.
+                    registration = _with_apis(
+                        registration, tuple(_unchecked(api) for api in registration.apis)
+                    )
                 self._insert(registration, record.last_seen)
             self.log.info("Loaded {count} registrations from the store", count=len(records))
             return len(records)
@@ -357,10 +372,14 @@ class Registry:
                     )
                 )
             self._reserved += 1
+        apis = request.apis
+        if existing is not None and any(api.check is not None for api in apis):
+            # Checked APIs published again keep the status their checks found.
+            apis = _carry_statuses(apis, Registration.from_plain(existing).apis)
         registration = Registration.create(
             module_id=request.module_id,
             process_id=request.process_id,
-            apis=request.apis,
+            apis=apis,
             registered_at=existing[2] if existing is not None else now,
         )
         if existing is not None and existing[1:4] == registration.plain()[1:4]:
@@ -441,6 +460,57 @@ class Registry:
         token = next(self._tokens)
         self._expiry_token[module_id] = token
         heapq.heappush(self._expiry, (seen, token, module_id))
+
+    # -- health checks ---------------------------------------------------
+
+    def set_status(
+        self, module_id: str, api_index: int, check: CheckSpec, status: str, output: str = ""
+    ) -> Deferred[Change | None]:
+        """
+        Record what a health check of API C{api_index} of C{module_id} found.
+        A new status re-encodes the registration, bumps the change index and
+        is announced as a C{status} change; the same status again, or a
+        result for a check the module no longer has, changes nothing.
+        Statuses live in memory only: after a restart they are unknown until
+        checked again.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        return self._serialised(
+            module_id,
+            lambda: succeed(self._apply_status(module_id, api_index, check, status, output)),
+        )
+
+    def _apply_status(
+        self, module_id: str, api_index: int, check: CheckSpec, status: str, output: str
+    ) -> Change | None:
+        plain = self._modules.get(module_id)
+        if plain is None:
+            return None
+        current = Registration.from_plain(plain)
+        apis = current.apis
+        if api_index >= len(apis) or apis[api_index].check != check:
+            return None  # re-published meanwhile: a result for an old check
+        before = apis[api_index].status
+        if before == status:
+            return None
+        changed = list(apis)
+        changed[api_index] = evolve(apis[api_index], status=status)
+        registration = _with_apis(current, tuple(changed))
+        self._modules[module_id] = registration.plain()
+        gctune.replaced()
+        change = self._record(ChangeKind.STATUS, registration)
+        self.log.info(
+            "API {api_index} of module {module_id} is {status} (was {before}): {output}"
+            " (index {index})",
+            api_index=api_index,
+            module_id=module_id,
+            status=status,
+            before=before,
+            output=output,
+            index=change.index,
+        )
+        return change
 
     # -- process binding -------------------------------------------------
 
@@ -653,3 +723,34 @@ class Registry:
         batch = {m: self._last_seen[m] for m in self._touched}
         self._touched.clear()  # the same set: it may be frozen (see gctune)
         return self._store.touch(batch)
+
+
+def has_checks(registration: Registration) -> bool:
+    """
+    Whether any API of C{registration} has a health check, without decoding
+    it: C{"check":{} can only be the key of an API's check object (metadata
+    values are strings, and a quote inside one is escaped).
+    """
+    return b'"check":{' in registration.discover_body
+
+
+def _unchecked(api: ModuleAPI) -> ModuleAPI:
+    return api if api.check is None else evolve(api, status=UNKNOWN)
+
+
+def _with_apis(registration: Registration, apis: tuple[ModuleAPI, ...]) -> Registration:
+    return Registration.create(
+        registration.module_id, registration.process_id, apis, registration.registered_at
+    )
+
+
+def _carry_statuses(
+    apis: tuple[ModuleAPI, ...], previous: tuple[ModuleAPI, ...]
+) -> tuple[ModuleAPI, ...]:
+    """C{apis}, each checked one taking the status of the same API at the same place before."""
+    return tuple(
+        evolve(api, status=previous[i].status)
+        if api.check is not None and i < len(previous) and previous[i].same_api(api)
+        else api
+        for i, api in enumerate(apis)
+    )

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
+from hsu_registry.checks.service import HealthCheckService
 from hsu_registry.config import RegistryConfig
 from hsu_registry.endpoints import ListenerService
 from hsu_registry.gctune import freeze_long_lived
@@ -210,6 +211,8 @@ class RegistryService(MultiService):
         HeartbeatFlushService(self.registry, config.flush_interval, reactor).setServiceParent(self)
         if self.processes is not None:
             ProcessMonitorService(self.processes).setServiceParent(self)
+        self.checks = HealthCheckService(self.registry, reactor, config.check_concurrency)
+        self.checks.setServiceParent(self)
         self.listeners: list[ListenerService] = []
         for number, description in enumerate(config.endpoints):
             listener = ListenerService(reactor, description, self.site)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from hsu_registry import tap
+from hsu_registry.checks.service import HealthCheckService
 from hsu_registry.config import RegistryConfig
 from hsu_registry.service import (
     CleanupService,
@@ -76,7 +77,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(children[2].interval, 5.0)
         self.assertIsInstance(children[3], ProcessMonitorService)
         self.assertIs(children[3].monitor, service.registry._processes)
-        children = [children[0], children[1], *children[4:]]
+        self.assertIsInstance(children[4], HealthCheckService)
+        self.assertEqual(children[4].concurrency, 32)
+        children = [children[0], children[1], *children[5:]]
         self.assertEqual([c.name for c in children[2:]], ["listener-0", "listener-1"])
         self.assertIs(children[2].factory, children[3].factory)
         self.assertIs(children[2].factory, service.site)

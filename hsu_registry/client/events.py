@@ -20,8 +20,9 @@ class WatchEvent:
     """
     One event of the watch stream.
 
-    @ivar kind: C{hello}, C{published}, C{updated}, C{unpublished},
-        C{expired}, or C{resync} (changes were missed: reload the catalog).
+    @ivar kind: C{hello}, C{published}, C{updated}, C{status} (a health
+        check changed an API's status), C{unpublished}, C{expired}, or
+        C{resync} (changes were missed: reload the catalog).
     @ivar index: the change index (the event id).
     @ivar data: the decoded JSON data: the registration for changes, the
         current index and epoch for C{hello} and C{resync}.

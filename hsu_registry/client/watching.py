@@ -245,7 +245,7 @@ class RegistryCache:
         module_id = event.module_id
         if module_id is None:
             return
-        if event.kind in ("published", "updated"):
+        if event.kind in ("published", "updated", "status"):
             self.modules[module_id] = event.data
         else:
             self.modules.pop(module_id, None)

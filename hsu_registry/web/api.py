@@ -31,6 +31,7 @@ from hsu_registry.model import (
     parse_publish_body,
 )
 from hsu_registry.processes.peers import peer_pid
+from hsu_registry.registry import has_checks
 from hsu_registry.watch import ChangeLog
 from hsu_registry.web.catalog import module_entry
 from hsu_registry.web.responses import SUCCESS, error_response, json_response
@@ -87,9 +88,15 @@ class RegistryAPI:
         return self._discover(request, moduleID)
 
     def _discover(self, request: IRequest, module_id: str) -> bytes:
+        args = request.args or {}
+        passing = b"passing" in args and _parse_passing(args[b"passing"])
         registration = self.registry.discover(module_id)
         self._index_headers(request)
-        return json_response(request, registration.discover_body)
+        body = registration.discover_body
+        if passing and has_checks(registration):
+            apis = [api.to_json() for api in registration.apis if api.passing]
+            body = encode_json({"moduleID": module_id, "apis": apis})
+        return json_response(request, body)
 
     @app.route("/api/v1/unpublish/<moduleID>", methods=["DELETE"])
     def unpublish(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
@@ -142,10 +149,18 @@ class RegistryAPI:
         return self._maybe_blocking(request, lambda: self._service(request, serviceID))
 
     def _service(self, request: IRequest, service_id: str) -> bytes:
+        args = request.args or {}
+        passing = b"passing" in args and _parse_passing(args[b"passing"])
         now = self.clock.seconds()
         providers = []
         for registration, _seen in self.registry.providers(service_id):
-            apis = [api.to_json() for api in registration.apis if service_id in api.service_ids]
+            apis = [
+                api.to_json()
+                for api in registration.apis
+                if service_id in api.service_ids and (api.passing or not passing)
+            ]
+            if not apis:
+                continue  # none of its APIs for this service passes
             provider = {
                 "moduleID": registration.module_id,
                 "processID": registration.process_id,
@@ -290,6 +305,20 @@ class RegistryAPI:
 def _peer_of_request(request: IRequest) -> int | None:
     """The PID of a request's unix-socket peer (see L{peer_pid})."""
     return peer_pid(getattr(request, "transport", None))
+
+
+def _parse_passing(values: list[bytes]) -> bool:
+    """C{?passing=true} (or C{1}, or empty): only passing APIs; C{false} or C{0}: all."""
+    if len(values) > 1:
+        raise InvalidRequest("passing is given more than once")
+    value = values[0].lower()
+    if value in (b"", b"true", b"1"):
+        return True
+    if value in (b"false", b"0"):
+        return False
+    raise InvalidRequest(
+        "passing must be true or false", {"passing": value.decode("utf-8", "replace")}
+    )
 
 
 def _parse_index(raw: bytes, what: str) -> int:

@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.test_health -*-
+"""
+The daemon's health checking: follows the registry's changes, keeps a
+L{CheckScheduler} target for every API published with a C{check}, and
+records each result in the registry (where a new status is a change).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from hsu_registry.checks.probes import ProbeResult
+from hsu_registry.checks.scheduler import CheckScheduler, Probe, Target, network_probe
+from hsu_registry.model import CRITICAL, PASSING, Registration
+from hsu_registry.registry import Change, ChangeKind, Registry, has_checks
+
+__all__ = ["DEFAULT_CHECK_HOST", "HealthCheckService", "targets_of"]
+
+#: Where an API published without an address is checked: the registry's host.
+DEFAULT_CHECK_HOST = "127.0.0.1"
+
+
+def targets_of(registration: Registration) -> list[Target]:
+    """The check targets of C{registration}'s APIs that have a check."""
+    if not has_checks(registration):
+        return []
+    return [
+        Target(
+            registration.module_id,
+            index,
+            api.address or DEFAULT_CHECK_HOST,
+            api.server_port,
+            api.check,
+        )
+        for index, api in enumerate(registration.apis)
+        if api.check is not None
+    ]
+
+
+class HealthCheckService(Service):
+    """
+    Runs the health checks of the registered APIs while the daemon runs.
+
+    @param concurrency: the most checks in flight at once; the others wait
+        their turn, and a target never has more than one check pending.
+    @param probe: how a target is checked (the network by default).
+    """
+
+    name = "health-checks"
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: Registry,
+        reactor: Any,
+        concurrency: int = 32,
+        probe: Probe | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.registry = registry
+        self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.concurrency = concurrency
+        self.probe = probe if probe is not None else network_probe(reactor, self.clock)
+        self.scheduler: CheckScheduler | None = None
+        self._checked: set[str] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.scheduler = CheckScheduler(self.clock, self.probe, self._report, self.concurrency)
+        self._checked.clear()
+        for registration, _ in self.registry.registrations():
+            self._follow(registration)
+        self._unsubscribe = self.registry.subscribe(self._changed)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+
+    def _changed(self, change: Change) -> None:
+        if change.kind in (ChangeKind.PUBLISHED, ChangeKind.UPDATED):
+            self._follow(change.registration)
+        elif change.kind in (ChangeKind.UNPUBLISHED, ChangeKind.EXPIRED):
+            if change.module_id in self._checked and self.scheduler is not None:
+                self._checked.discard(change.module_id)
+                self.scheduler.remove(change.module_id)
+
+    def _follow(self, registration: Registration) -> None:
+        if self.scheduler is None:
+            return
+        module_id = registration.module_id
+        targets = targets_of(registration)
+        if targets:
+            self._checked.add(module_id)
+            self.scheduler.set_targets(module_id, targets)
+        elif module_id in self._checked:
+            self._checked.discard(module_id)
+            self.scheduler.remove(module_id)
+
+    def _report(self, target: Target, result: ProbeResult) -> None:
+        status = PASSING if result.passing else CRITICAL
+        d = self.registry.set_status(
+            target.module_id, target.api_index, target.spec, status, result.output
+        )
+        d.addErrback(
+            lambda f: self.log.failure(
+                "Could not record the {status} check of {module_id}",
+                f,
+                status=status,
+                module_id=target.module_id,
+            )
+        )
