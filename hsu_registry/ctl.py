@@ -247,6 +247,11 @@ def _build_parser(stdout: IO[str]) -> _Parser:
 
     discover = command("discover", "Show a module's APIs.")
     discover.add_argument("module", metavar="MODULE", help="the module ID")
+    discover.add_argument(
+        "--passing",
+        action="store_true",
+        help="only the APIs whose health check passes (or that have none)",
+    )
 
     watch = command("watch", "Print the registry's changes as they come (Ctrl-C to stop).")
     watch.add_argument(
@@ -338,8 +343,8 @@ def _plan_discover(args: argparse.Namespace) -> _Action:
     module_id = _module_id(args.module)
 
     def discover(client: BlockingRegistryClient) -> _Outcome:
-        apis = client.find_module_apis(module_id)
-        data = {"moduleID": module_id, "apis": [api.to_json() for api in apis]}
+        apis = client.find_module_apis(module_id, passing=args.passing)
+        data = {"moduleID": module_id, "apis": [_answer_json(api) for api in apis]}
         return _Outcome(data, _apis_table(module_id, apis))
 
     return discover
@@ -408,10 +413,21 @@ _COMMANDS: Mapping[str, Callable[[argparse.Namespace], _Action]] = {
 }
 
 
+def _answer_json(api: RemoteModuleAPI) -> dict[str, object]:
+    """An API as the registry answered it: the published shape and its status."""
+    out = api.to_json()
+    if api.status is not None:
+        out["status"] = api.status
+    return out
+
+
 def _apis_table(module_id: str, apis: Sequence[RemoteModuleAPI]) -> str:
     if not apis:
         return f"module {module_id} publishes no APIs"
-    header = ("PROTOCOL", "PORT", "ADDRESS", "SERVICES", "METADATA")
+    header: tuple[str, ...] = ("PROTOCOL", "PORT", "ADDRESS", "SERVICES", "METADATA")
+    checked = any(api.status is not None for api in apis)
+    if checked:
+        header += ("STATUS",)
     rows = [header] + [
         (
             api.protocol,
@@ -420,6 +436,7 @@ def _apis_table(module_id: str, apis: Sequence[RemoteModuleAPI]) -> str:
             ",".join(api.service_ids),
             ",".join(f"{k}={v}" for k, v in (api.metadata or {}).items()) or "-",
         )
+        + ((api.status or "-",) if checked else ())
         for api in apis
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]

@@ -137,6 +137,45 @@ class AsyncClientTests(RegistryServerMixin, TestCase):
         """The same over the unix socket."""
         await self.round_trip(self.unix_url)
 
+    async def test_checks_and_passing(self) -> None:
+        """
+        APIs published with a check come back with it (normalized) and their
+        status; C{passing=True} asks for the passing (or unchecked) ones only.
+        """
+        checked = RemoteAPI(
+            "web",
+            [
+                RemoteModuleAPI("s", 1, "http", check={"tcp": True}),
+                RemoteModuleAPI("s", 2, "http", check={"http": "/healthz", "interval": "30s"}),
+                RemoteModuleAPI("s", 3, "http"),
+            ],
+        )
+        client = self.client(self.unix_url)
+        await client.publish_apis([checked])
+        found = await client.find_module_apis("web")
+        self.assertEqual([api.status for api in found], ["unknown", "unknown", None])
+        self.assertEqual(
+            dict(found[1].check or {}), {"http": "/healthz", "interval": "30s", "timeout": "1s"}
+        )
+        registration = self.service.registry.get("web")
+        assert registration is not None
+        first, second = (api.check for api in registration.apis[:2])
+        assert first is not None and second is not None
+        registry = self.service.registry
+        await registry.set_status("web", 0, first, "passing")
+        await registry.set_status("web", 1, second, "critical")
+        passing = await client.find_module_apis("web", passing=True)
+        self.assertEqual(
+            [(api.server_port, api.status) for api in passing], [(1, "passing"), (3, None)]
+        )
+        blocking = BlockingRegistryClient(self.unix_url)
+        self.addCleanup(blocking.close)
+        ports = await deferToThread(
+            lambda: [api.server_port for api in blocking.find_module_apis("web", passing=True)]
+        )
+        self.assertEqual(ports, [1, 3])
+        self.assertRaises(ValueError, RemoteModuleAPI, "s", 1, "http", check={"tcp": False})
+
     async def test_http_scheme(self) -> None:
         """http://host:port is the same as tcp://host:port."""
         client = self.client(self.tcp_url.replace("tcp://", "http://"))

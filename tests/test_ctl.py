@@ -34,6 +34,7 @@ from hsu_registry.ctl import (
     EXIT_USAGE,
     run,
 )
+from hsu_registry.model import parse_publish_body
 from hsu_registry.service import makeService
 
 CTL_SCRIPT = os.path.join(os.path.dirname(sys.executable), "hsu-registry-ctl")
@@ -220,6 +221,30 @@ class CtlTests(TestCase):
         )
         # The columns line up under their headings.
         self.assertEqual(header.index("SERVICES"), row.index("echo.v1"))
+
+    async def test_discover_statuses_and_passing(self) -> None:
+        """
+        APIs with health checks get a STATUS column (and a status in --json);
+        --passing shows only the passing or unchecked ones.
+        """
+        body = (
+            b'{"moduleID": "web", "apis": ['
+            b'{"serviceIDs": ["s"], "serverPort": 81, "protocol": "http", "check": {"tcp": true}},'
+            b'{"serviceIDs": ["s"], "serverPort": 82, "protocol": "http"}]}'
+        )
+        registry = self.service.registry
+        await registry.publish(parse_publish_body(body))
+        out = await self.ok("--url", self.tcp_url, "discover", "web")
+        header, first, second = out.splitlines()
+        self.assertEqual(header.split()[-1], "STATUS")
+        self.assertEqual((first.split()[-1], second.split()[-1]), ("unknown", "-"))
+        registration = registry.get("web")
+        assert registration is not None and registration.apis[0].check is not None
+        await registry.set_status("web", 0, registration.apis[0].check, "critical")
+        out = await self.ok("--url", self.tcp_url, "discover", "--passing", "web")
+        self.assertEqual([line.split()[1] for line in out.splitlines()], ["PORT", "82"])
+        answer = json.loads(await self.ok("--url", self.tcp_url, "--json", "discover", "web"))
+        self.assertEqual([api.get("status") for api in answer["apis"]], ["critical", None])
 
     async def test_discover_table_without_optional_fields(self) -> None:
         """An absent address and empty metadata are shown as '-'."""

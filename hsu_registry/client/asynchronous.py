@@ -131,9 +131,15 @@ class RegistryClient:
 
         return d.addCallback(check)
 
-    def find_module_apis(self, module_id: str) -> Deferred[list[RemoteModuleAPI]]:
-        """The APIs of C{module_id}; fails with L{ModuleNotFound} when it is not there."""
-        return self._request(discover_call(module_id))
+    def find_module_apis(
+        self, module_id: str, passing: bool = False
+    ) -> Deferred[list[RemoteModuleAPI]]:
+        """
+        The APIs of C{module_id} (with C{passing}, only those whose health
+        check passes, or that have none); fails with L{ModuleNotFound} when
+        it is not there.
+        """
+        return self._request(discover_call(module_id, passing))
 
     def unpublish(self, module_id: str, process_id: int | None = None) -> Deferred[None]:
         """

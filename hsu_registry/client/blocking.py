@@ -138,9 +138,13 @@ class BlockingRegistryClient:
         if first is not None:
             raise first
 
-    def find_module_apis(self, module_id: str) -> list[RemoteModuleAPI]:
-        """The APIs of C{module_id}; raises L{ModuleNotFound} when it is not there."""
-        result: list[RemoteModuleAPI] = self._request(discover_call(module_id))
+    def find_module_apis(self, module_id: str, passing: bool = False) -> list[RemoteModuleAPI]:
+        """
+        The APIs of C{module_id} (with C{passing}, only those whose health
+        check passes, or that have none); raises L{ModuleNotFound} when it is
+        not there.
+        """
+        result: list[RemoteModuleAPI] = self._request(discover_call(module_id, passing))
         return result
 
     def unpublish(self, module_id: str, process_id: int | None = None) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from attrs import field, frozen
 
 from hsu_registry.errors import InvalidRequest
-from hsu_registry.model import ModuleAPI, parse_api, validate_id
+from hsu_registry.model import STATUSES, ModuleAPI, parse_api, validate_id
 
 __all__ = ["RemoteAPI", "RemoteModuleAPI"]
 
@@ -33,10 +33,22 @@ def _metadata(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
     return MappingProxyType(dict(value))
 
 
+def _check(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    return MappingProxyType(dict(value))
+
+
 @frozen
 class RemoteModuleAPI:
     """
     One API endpoint a module serves.
+
+    C{check} asks the registry to check it, as the publish body's C{check}
+    object: C{{"tcp": True}} or C{{"http": "/healthz"}}, with optional
+    C{"interval"} and C{"timeout"} durations such as C{"10s"}.  C{status} is
+    what the registry last found (C{unknown}, C{passing} or C{critical}), in
+    answers only; it is never published.
 
     @raise ValueError: on construction, when the server would refuse it.
     """
@@ -46,6 +58,8 @@ class RemoteModuleAPI:
     protocol: str
     address: str | None = None
     metadata: Mapping[str, str] | None = field(default=None, converter=_metadata, hash=False)
+    check: Mapping[str, Any] | None = field(default=None, converter=_check, hash=False)
+    status: str | None = None
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -55,13 +69,16 @@ class RemoteModuleAPI:
 
     def to_json(self) -> dict[str, Any]:
         """The publish body's shape, with empty optional fields omitted."""
-        return ModuleAPI(
+        out = ModuleAPI(
             service_ids=self.service_ids,
             server_port=self.server_port,
             protocol=self.protocol,
             address=self.address,
             metadata=tuple((self.metadata or {}).items()),
         ).to_json()
+        if self.check is not None:
+            out["check"] = dict(self.check)
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> RemoteModuleAPI:
@@ -74,12 +91,15 @@ class RemoteModuleAPI:
             api = parse_api(raw, "api")
         except InvalidRequest as e:
             raise ValueError(e.message) from None
+        status = raw.get("status") if isinstance(raw, Mapping) else None
         return cls(
             service_ids=api.service_ids,
             server_port=api.server_port,
             protocol=api.protocol,
             address=api.address,
             metadata=dict(api.metadata) or None,
+            check=api.check.to_json() if api.check is not None else None,
+            status=status if status in STATUSES else None,
         )
 
 

@@ -158,8 +158,11 @@ def publish_call(remote_api: RemoteAPI, process_id: int) -> Call:
     return Call("publish", "POST", "/api/v1/publish", body, remote_api.module_id)
 
 
-def discover_call(module_id: str) -> Call:
-    return Call("discover", "GET", f"/api/v1/discover/{_segment(module_id)}", None, module_id)
+def discover_call(module_id: str, passing: bool = False) -> Call:
+    path = f"/api/v1/discover/{_segment(module_id)}"
+    if passing:
+        path += "?passing=true"
+    return Call("discover", "GET", path, None, module_id)
 
 
 def unpublish_call(module_id: str, process_id: int | None) -> Call:
