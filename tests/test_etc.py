@@ -26,6 +26,7 @@ class EtcTests(SynchronousTestCase):
         argv = shlex.split(exec_start[len("ExecStart=") :])
         self.assertIn("--nodaemon", argv)
         self.assertIn("StateDirectory=hsu", unit)
+        self.assertIn("LimitNOFILE=65536", unit)  # pidfds of process-bound modules
         plugin_args = [a for a in argv[argv.index("hsu-registry") + 1 :] if not a.startswith("$")]
         self.assertIn("--store=sqlite:/var/lib/hsu/registry.db", plugin_args)
         # /var/lib/hsu is the unit's state directory: stand a temporary one in.
