@@ -31,6 +31,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface import implementer
 
 reactor: Any = _global_reactor
@@ -829,6 +831,71 @@ class ProcessBoundTests(E2ETestCase):
         await registry.wait_for(re.compile(rb"Expired module doomed: its process %d exited" % pid))
         response = await self.request(client, "GET", "http://localhost/api/v1/discover/doomed")
         self.assertEqual(response.code, 404)
+        await self.stop(registry)
+        self.assertExitCode(registry, 0)
+        self.assertNoTraceback(registry)
+
+
+class HealthCheckE2ETests(E2ETestCase):
+    """The daemon checks the APIs published with a check."""
+
+    async def test_httpCheckOfALocalService(self) -> None:
+        """
+        An API published with an HTTP check turns C{passing} (a blocking
+        catalog query sees the change), and C{?passing=true} then lists it;
+        when the service starts answering 503 it turns C{critical} and
+        C{?passing=true} leaves it out.
+        """
+
+        class Health(Resource):
+            isLeaf = True
+            code = 200
+
+            def render_GET(self, request: Any) -> bytes:
+                request.setResponseCode(self.code)
+                return b"ok"
+
+        health = Health()
+        service = reactor.listenTCP(0, Site(health), interface="127.0.0.1")
+        self.addCleanup(service.stopListening)
+        registry = self.spawn_registry("--endpoint=tcp:0:interface=127.0.0.1")
+        base = f"http://127.0.0.1:{await self.tcp_port(registry)}/api/v1"
+        client = self.http_client()
+        published = {
+            "moduleID": "web",
+            "processID": 0,
+            "apis": [
+                {
+                    "serviceIDs": ["web"],
+                    "serverPort": service.getHost().port,
+                    "protocol": "http",
+                    "check": {"http": "/healthz", "interval": "1s", "timeout": "1s"},
+                }
+            ],
+        }
+        response = await self.request(
+            client, "POST", f"{base}/publish", data=json.dumps(published).encode()
+        )
+        self.assertEqual(response.code, 200, response)
+
+        async def next_status(index: str | None) -> tuple[str, str | None]:
+            answer = await self.request(client, "GET", f"{base}/modules/web?index={index}&wait=10s")
+            return answer.json()["apis"][0]["status"], answer.header("x-hsu-index")
+
+        status, index = "unknown", "1"
+        while status == "unknown":
+            status, index = await next_status(index)
+        self.assertEqual(status, "passing")
+        answer = await self.request(client, "GET", f"{base}/discover/web?passing=true")
+        self.assertEqual(len(answer.json()["apis"]), 1)
+
+        health.code = 503
+        while status == "passing":
+            status, index = await next_status(index)
+        self.assertEqual(status, "critical")
+        answer = await self.request(client, "GET", f"{base}/services/web?passing=true")
+        self.assertEqual(answer.json(), {"serviceID": "web", "providers": []})
+        await registry.wait_for(re.compile(rb"API 0 of module web is critical \(was passing\)"))
         await self.stop(registry)
         self.assertExitCode(registry, 0)
         self.assertNoTraceback(registry)
