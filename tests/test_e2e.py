@@ -882,7 +882,8 @@ class HealthCheckE2ETests(E2ETestCase):
             answer = await self.request(client, "GET", f"{base}/modules/web?index={index}&wait=10s")
             return answer.json()["apis"][0]["status"], answer.header("x-hsu-index")
 
-        status, index = "unknown", "1"
+        status: str = "unknown"
+        index: str | None = "1"
         while status == "unknown":
             status, index = await next_status(index)
         self.assertEqual(status, "passing")
