@@ -18,6 +18,7 @@ import enum
 import heapq
 import itertools
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TypeVar
@@ -162,6 +163,9 @@ class Registry:
         self._processes = processes
         self._bound: dict[str, ProcessIdentity] = {}
         self._by_process: dict[ProcessIdentity, dict[str, None]] = {}
+        # Modules of exited processes waiting for removal, drained
+        # expire_batch per reactor turn.
+        self._exits: deque[tuple[str, ProcessIdentity]] = deque()
 
     # -- reads -----------------------------------------------------------
 
@@ -561,10 +565,26 @@ class Registry:
                     self._processes.unwatch(identity)
 
     def _process_exited(self, identity: ProcessIdentity) -> None:
-        """Remove every registration bound to a process that has exited."""
-        for module_id in list(self._by_process.get(identity, ())):
+        """
+        Remove every registration bound to a process that has exited, at
+        most C{expire_batch} per reactor turn: when thousands go at once
+        (one process held them, or many processes died together) the reactor
+        writes their watch events out between batches, so watchers keep up.
+        """
+        idle = not self._exits
+        self._exits.extend(
+            (module_id, identity) for module_id in self._by_process.get(identity, ())
+        )
+        if idle and self._exits:
+            self._drain_exits()
+
+    def _drain_exits(self) -> None:
+        for _ in range(min(self.expire_batch, len(self._exits))):
+            module_id, identity = self._exits.popleft()
             d = self._serialised(module_id, partial(self._expire_bound, module_id, identity))
             d.addErrback(lambda _: None)  # logged by _persist_failed
+        if self._exits:
+            self._clock.callLater(0, self._drain_exits)
 
     def _expire_bound(self, module_id: str, identity: ProcessIdentity) -> Deferred[Change | None]:
         if self._bound.get(module_id) != identity:

@@ -433,6 +433,27 @@ class BindingTests(SynchronousTestCase):
         self.assertEqual(stored, ["c"])
         self.assertEqual((len(self.monitor), self.registry.bound_processes), (0, 0))
 
+    def test_many_exits_are_removed_in_batches(self) -> None:
+        """
+        Thousands of bound modules going at once are removed C{expire_batch}
+        per reactor turn, so the reactor writes watch events out between.
+        """
+        self.registry.expire_batch = 2
+        for name in "abcde":
+            self.publish(name, peer=1234)
+        self.table.kill(1234)
+        self.monitor.poll()
+        self.assertEqual(len(self.registry), 3)  # the first batch, at once
+        (rest,) = self.clock.getDelayedCalls()  # the rest: from the next reactor turn
+        self.assertEqual(
+            (rest.getTime(), rest.func), (self.clock.seconds(), self.registry._drain_exits)
+        )
+        self.clock.advance(0)
+        self.assertEqual(len(self.registry), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        expired = [c.module_id for c in self.changes if c.kind is ChangeKind.EXPIRED]
+        self.assertEqual(expired, list("abcde"))
+
     def test_pid_reuse_does_not_keep_it_alive(self) -> None:
         """
         A newer process with the dead one's PID, heartbeating as that PID over
