@@ -576,7 +576,8 @@ class Registry:
             (module_id, identity) for module_id in self._by_process.get(identity, ())
         )
         if idle and self._exits:
-            self._drain_exits()
+            # Not at once: thousands of processes may exit in the same turn.
+            self._clock.callLater(0, self._drain_exits)
 
     def _drain_exits(self) -> None:
         for _ in range(min(self.expire_batch, len(self._exits))):
