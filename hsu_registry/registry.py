@@ -427,15 +427,19 @@ class Registry:
             gctune.replaced()
             kind = ChangeKind.UPDATED
         self._touched.discard(module_id)
-        self._rebind(module_id, identity, registration.process_id)
+        self._rebind(module_id, identity, registration.process_id, quiet=True)
         change = self._record(kind, registration)
+        bound = self._bound.get(module_id)
         self.log.info(
-            "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index})",
+            "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index}"
+            "{binding})",
             kind=kind.value.capitalize(),
             module_id=module_id,
             process_id=registration.process_id,
             api_count=registration.api_count,
             index=change.index,
+            bound_pid=bound.pid if bound is not None else None,
+            binding=", bound to the process" if bound is not None else "",
         )
         return change
 
@@ -523,7 +527,13 @@ class Registry:
             return None
         return self._processes.identify(peer, process_id)
 
-    def _rebind(self, module_id: str, identity: ProcessIdentity | None, process_id: int) -> None:
+    def _rebind(
+        self,
+        module_id: str,
+        identity: ProcessIdentity | None,
+        process_id: int,
+        quiet: bool = False,
+    ) -> None:
         """
         Bind C{module_id} to C{identity} after a publish or heartbeat.  Without
         an identity (a publish over TCP, say) a binding stays only while the
@@ -545,6 +555,8 @@ class Registry:
             self._by_process[identity] = modules = {}
             self._processes.watch(identity, self._process_exited)
         modules[module_id] = None
+        if quiet:
+            return  # the caller's own log line says so
         self.log.info(
             "Bound module {module_id} to process {pid} (started at tick {start_time})",
             module_id=module_id,
