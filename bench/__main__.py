@@ -6,8 +6,8 @@ It starts the installed daemon (and a bare twisted.web reference) as
 subprocesses, loads them, stops them, prints a table and writes JSON (by
 default ``bench/results/latest.json``): throughput and latency, publish on the
 memory and the SQLite store (closed loop, and 64 publishers at a fixed rate),
-memory, start-up, cleanup lag, garbage-collector pauses and watch fan-out
-(see each module of this package).  Progress goes to stderr, the table to stdout.
+memory, start-up, cleanup lag, garbage-collector pauses, watch fan-out and
+process liveness (see each module of this package).  Progress goes to stderr, the table to stdout.
 ``--quick`` (about 30 s) keeps the harness working: tiny runs with the
 Python generator only; its figures mean nothing.
 """
@@ -39,13 +39,16 @@ from bench.workload import DISCOVER_MODULE, PUBLISH_PATH, discover_path, publish
 
 __all__ = ["main"]
 
-SECTIONS = ("throughput", "store", "memory", "startup", "cleanup", "gc", "fanout")
+SECTIONS = ("throughput", "store", "memory", "startup", "cleanup", "gc", "fanout", "liveness")
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 #: The store section's paced part in a quick run: one total rate (req/s).
 QUICK_PACED_RATE = 200.0
 #: Bounds on the fanout section's subprocess (bench.fanout bounds itself at 18 s
 #: with --quick, 300 s without; this is the margin beyond).
 FANOUT_TIMEOUT = {True: 60.0, False: 360.0}
+#: Bounds on the liveness section's subprocess (bench.liveness bounds itself at
+#: 60 s with --quick, 480 s without; this is the margin beyond).
+LIVENESS_TIMEOUT = {True: 90.0, False: 540.0}
 
 
 def _progress(line: str) -> None:
@@ -63,7 +66,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny runs, Python generator only, about 2 s of load for the store section, "
         "1 000 modules, 10 000 registrations, 2 starts, 2 000 modules for the gc section, "
-        "50 watchers and 50 blocking queries for the fanout section",
+        "50 watchers and 50 blocking queries for the fanout section, "
+        "5 kills and 1 000 bound modules for the liveness section",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     parser.add_argument(
@@ -149,6 +153,20 @@ def _fanout(workspace: Workspace, quick: bool) -> dict[str, Any]:
         "bench.fanout",
         [*(["--quick"] if quick else []), f"--json={path}"],
         timeout=FANOUT_TIMEOUT[quick],
+    )
+    with open(path, encoding="utf-8") as f:
+        result: dict[str, Any] = json.load(f)
+    return result
+
+
+def _liveness(workspace: Workspace, quick: bool) -> dict[str, Any]:
+    """bench.liveness in a subprocess (its open-file limit and module processes stay there)."""
+    _progress(f"liveness: python -m bench.liveness{' --quick' if quick else ''}")
+    path = workspace.new_path("liveness") + ".json"
+    workspace.run_python(
+        "bench.liveness",
+        [*(["--quick"] if quick else []), f"--json={path}"],
+        timeout=LIVENESS_TIMEOUT[quick],
     )
     with open(path, encoding="utf-8") as f:
         result: dict[str, Any] = json.load(f)
@@ -267,6 +285,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "fanout" in args.sections:
             results["fanout"] = _fanout(workspace, quick)
             notes.extend(f"fanout: {note}" for note in results["fanout"].get("notes", []))
+        if "liveness" in args.sections:
+            results["liveness"] = _liveness(workspace, quick)
+            notes.extend(f"liveness: {note}" for note in results["liveness"].get("notes", []))
     results["meta"]["elapsed_s"] = time.monotonic() - began
     results["meta"]["loadavg_after"] = list(os.getloadavg())
     return results

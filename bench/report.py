@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from bench import fanout
+from bench import fanout, liveness
 from bench.memory import IDLE_TARGET, LEVELS
 
 __all__ = ["render", "write_json"]
@@ -339,6 +339,11 @@ def _fanout(results: dict[str, Any]) -> list[str]:
     return fanout.render(results["fanout"], notes=False).splitlines()
 
 
+def _liveness(results: dict[str, Any]) -> list[str]:
+    """bench.liveness's own table; its notes go with the run's (see L{bench.__main__})."""
+    return liveness.render(results["liveness"], notes=False).splitlines()
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole table as text."""
     meta = results["meta"]
@@ -359,6 +364,7 @@ def render(results: dict[str, Any]) -> str:
         ("cleanup", _cleanup),
         ("gc", _gc),
         ("fanout", _fanout),
+        ("liveness", _liveness),
     ):
         if name in results:
             lines.extend(section(results))

@@ -59,6 +59,26 @@ FANOUT_FIGURES = {
         "last_query_ms",
     ),
 }
+#: bench.liveness --quick: kills per monitor and registrations per shape.
+LIVENESS_QUICK = {"rounds": 5, "modules": 1000}
+#: Its shapes (the polled one is left out of a quick run) and whether each is bound.
+LIVENESS_SHAPES = {
+    "unbound_one": False,
+    "one_process": True,
+    "unbound_many": False,
+    "many_processes": True,
+}
+LIVENESS_KILL = ("median_ms", "p90_ms", "max_ms", "min_ms")
+LIVENESS_SHAPE_FIGURES = (
+    "rss_kib",
+    "idle_rss_kib",
+    "fds",
+    "pidfds",
+    "publish_s",
+    "publish_rps",
+    "idle_cpu_ms",
+    "idle_cpu_sched_ms",
+)
 PACED_FIGURES = (
     "rps",
     "p50_ms",
@@ -124,10 +144,16 @@ class QuickBenchmarkTests(TestCase):
         kept and the verdict; the 64 modules in the SQLite file), memory
         (with the idle RSS of a bare Klein process and the ratio to it),
         start-up, cleanup, garbage-collector pauses (a frozen and a not
-        frozen daemon, each holding the 2 000 modules it was given) and watch
+        frozen daemon, each holding the 2 000 modules it was given), watch
         fan-out (50 watchers and 50 held queries: memory per watcher and per
         query, publish to the last watcher and the last query, every event
-        delivered).
+        delivered) and process liveness (5 kills of a bound module process,
+        each removed, with pidfds and, where the kernel lets a seccomp filter
+        deny pidfd_open, with the polling fallback; 1 000 registrations
+        unbound and bound to one and to 1 000 processes: memory, descriptors,
+        one pidfd per bound process, idle CPU, publish rate with its ratio to
+        the unbound shape, and every bound registration removed once its
+        processes were killed).
         """
         if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
             raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
@@ -152,6 +178,10 @@ class QuickBenchmarkTests(TestCase):
             "Garbage collector",
             "Watch fan-out",
             "target: last watcher within 50 ms",
+            "Process liveness",
+            "pidfd (default)",
+            "Cost of process tracking",
+            "bound to N processes",
         ):
             self.assertIn(heading, table)
 
@@ -312,6 +342,46 @@ class QuickBenchmarkTests(TestCase):
         delivery = fanout["delivery"]
         self.assertEqual(delivery["events_received"], delivery["events_expected"], delivery)
         self.assertEqual(delivery["watchers_complete"], FANOUT_QUICK["watchers"], delivery)
+
+        liveness = results["liveness"]
+        for name, count in LIVENESS_QUICK.items():
+            self.assertEqual(liveness["settings"][name], count, f"liveness {name}")
+        rounds = LIVENESS_QUICK["rounds"]
+        kills = {"pidfd": liveness["kill"]["pidfd"]}
+        if liveness["kill"]["polling"] is not None:  # seccomp may be unavailable
+            kills["polling"] = liveness["kill"]["polling"]
+        for monitor, kill in kills.items():
+            where = f"liveness kill {monitor}"
+            self.assertEqual(kill["rounds"], rounds, where)
+            self.assertEqual(len(kill["samples_ms"]), rounds, where)
+            for figure in LIVENESS_KILL:
+                self.assertNumber(kill[figure], f"{where} {figure}")
+            self.assertEqual(kill["expired_log_lines"], rounds, where)
+            # Only the daemon under the no-pidfd filter says it cannot have a pidfd.
+            self.assertIs(kill["pidfd_warning"], monitor == "polling", where)
+        modules = LIVENESS_QUICK["modules"]
+        shapes = liveness["tracking"]["shapes"]
+        self.assertEqual(set(shapes), set(LIVENESS_SHAPES))
+        for key, bound in LIVENESS_SHAPES.items():
+            where = f"liveness {key}"
+            cell = shapes[key]
+            self.assertIs(cell["bound"], bound, where)
+            self.assertEqual(cell["modules"], modules, where)
+            self.assertEqual(cell["registered"], modules, where)
+            self.assertEqual(cell["processes"], modules if "many" in key else 1, where)
+            for figure in LIVENESS_SHAPE_FIGURES:
+                self.assertNumber(cell[figure], f"{where} {figure}")
+            self.assertEqual(cell["pidfds"], cell["processes"] if bound else 0, where)
+            self.assertFalse(cell["pidfd_warning"], where)
+            if not bound:
+                self.assertIsNone(cell["rss_ratio"], where)
+                self.assertEqual(cell["expired_log_lines"], 0, where)
+                continue
+            for figure in ("rss_ratio", "publish_rps_ratio", "removal_ms"):
+                self.assertNumber(cell[figure], f"{where} {figure}")
+            self.assertIn(cell["removal_seen_by"], ("watch", "health"), where)
+            self.assertEqual(cell["remaining"], 0, where)
+            self.assertEqual(cell["expired_log_lines"], modules, where)
 
 
 class _Slow(Resource):
