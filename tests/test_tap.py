@@ -9,6 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
+import attrs
 from treq.testing import StubTreq
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.internet.testing import MemoryReactorClock
@@ -131,3 +132,29 @@ class EmbeddingTests(SynchronousTestCase):
         clock.advance(10)
         self.assertIsNone(service.registry.get("embedded"))
         self.successResultOf(application.stopService())
+
+    def test_discover_heartbeat_both_ways(self) -> None:
+        """
+        With the default (--discover-heartbeat) lookups keep a silent module
+        discoverable; with --no-discover-heartbeat it goes stale after
+        --stale-after however often it is looked up.
+        """
+        for flag, alive in (("--discover-heartbeat", True), ("--no-discover-heartbeat", False)):
+            options = tap.Options()
+            options.parseOptions(["--stale-after=60s", "--expire-after=10m", flag])
+            clock = MemoryReactorClock()
+            service = makeService(attrs.evolve(options.config, endpoints=()), clock)
+            service.startService()
+            treq: Any = StubTreq(service.resource())
+            body = {"moduleID": "quiet", "apis": []}
+            response = self.successResultOf(
+                treq.post("http://r/api/v1/publish", data=json.dumps(body).encode())
+            )
+            self.assertEqual(response.code, 200)
+            codes = []
+            for _ in range(3):
+                clock.advance(40)
+                response = self.successResultOf(treq.get("http://r/api/v1/discover/quiet"))
+                codes.append(response.code)
+            self.assertEqual(codes, [200, 200, 200] if alive else [200, 404, 404], flag)
+            self.successResultOf(service.stopService())
