@@ -10,6 +10,8 @@ as cheap as a system call.
 
 from __future__ import annotations
 
+import os
+
 from attrs import frozen
 from zope.interface import Interface, implementer
 
@@ -82,9 +84,16 @@ class ProcTable:
     def stat(self, pid: int) -> ProcessStat | None:
         if pid <= 0:
             return None
+        # os.read rather than open(): no buffered file object, about half the
+        # cost, on a path taken by every publish over a unix socket.
         try:
-            with open(f"{self.root}/{pid}/stat", "rb") as f:
-                data = f.read()
+            fd = os.open(f"{self.root}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # no such process, or /proc not mounted
             return None
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the process went away between open and read
+            return None
+        finally:
+            os.close(fd)
         return parse_stat(pid, data)
