@@ -12,7 +12,9 @@ setup(
     python_requires=">=3.10",
     packages=[
         "hsu_registry",
+        "hsu_registry.checks",
         "hsu_registry.client",
+        "hsu_registry.processes",
         "hsu_registry.stores",
         "hsu_registry.web",
         "twisted.plugins",
