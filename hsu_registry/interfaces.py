@@ -16,8 +16,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from hsu_registry.checks.spec import CheckSpec
-    from hsu_registry.model import PublishRequest, Registration
+    from hsu_registry.model import CheckTarget, PublishRequest, Registration
     from hsu_registry.processes.table import ProcessIdentity
     from hsu_registry.registry import Change, HealthStatus
     from hsu_registry.stores import StoredRegistration
@@ -178,14 +177,16 @@ class IRegistry(Interface):
         """
 
     def set_status(
-        module_id: str, api_index: int, check: CheckSpec, status: str, output: str = ""
+        module_id: str, api_index: int, target: CheckTarget, status: str, output: str = ""
     ) -> Deferred[Change | None]:
         """
         Record the result of a health check of one API: C{status} is
         C{passing} or C{critical}; a change of status is a C{status} change.
 
+        @param target: the L{hsu_registry.model.CheckTarget} that was probed.
         @return: a Deferred firing with the L{Change}, or L{None} when
-            nothing changed (same status, or the API no longer has that check).
+            nothing changed (same status, or the API no longer has that
+            target, or the module is being removed).
         """
 
     def heartbeat(module_id: str, process_id: int | None, peer: int | None = None) -> None:

@@ -17,16 +17,18 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import evolve, field, frozen
+from attrs import field, frozen
 
 from hsu_registry.checks.spec import CheckSpec, parse_check
 from hsu_registry.errors import InvalidRequest
 
 __all__ = [
     "CRITICAL",
+    "DEFAULT_CHECK_HOST",
     "PASSING",
     "STATUSES",
     "UNKNOWN",
+    "CheckTarget",
     "Limits",
     "ModuleAPI",
     "PlainRegistration",
@@ -68,6 +70,18 @@ PASSING = "passing"
 CRITICAL = "critical"
 STATUSES = (UNKNOWN, PASSING, CRITICAL)
 
+#: Where an API published without an address is checked: the registry's host.
+DEFAULT_CHECK_HOST = "127.0.0.1"
+
+
+@frozen
+class CheckTarget:
+    """What a health check probes: a host, a port, and how (the check)."""
+
+    host: str
+    port: int
+    check: CheckSpec
+
 
 @frozen
 class ModuleAPI:
@@ -93,9 +107,14 @@ class ModuleAPI:
         """Whether C{?passing=true} lists it: its check passes, or it has none."""
         return self.check is None or self.status == PASSING
 
-    def same_api(self, other: ModuleAPI) -> bool:
-        """Whether C{other} is this API, whatever either's status."""
-        return evolve(self, status=other.status) == other
+    def check_target(self) -> CheckTarget | None:
+        """
+        What this API's check probes, or L{None} without a check: two APIs
+        with the same target share their status, whatever else differs.
+        """
+        if self.check is None:
+            return None
+        return CheckTarget(self.address or DEFAULT_CHECK_HOST, self.server_port, self.check)
 
     def to_json(self) -> dict[str, Any]:
         """The seed's JSON shape, with empty optional fields omitted."""

@@ -31,7 +31,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hsu_registry import gctune
-from hsu_registry.checks.spec import CheckSpec
 from hsu_registry.errors import (
     ModuleNotFound,
     NotOwner,
@@ -44,6 +43,7 @@ from hsu_registry.interfaces import IProcessMonitor, IRegistry, IStore
 from hsu_registry.model import (
     STATUSES,
     UNKNOWN,
+    CheckTarget,
     ModuleAPI,
     PlainRegistration,
     PublishRequest,
@@ -166,6 +166,9 @@ class Registry:
         # Modules of exited processes waiting for removal, drained
         # expire_batch per reactor turn.
         self._exits: deque[tuple[str, ProcessIdentity]] = deque()
+        # Modules whose expiry is being written to the store: health check
+        # results for them are dropped (they are going).
+        self._expiring: set[str] = set()
 
     # -- reads -----------------------------------------------------------
 
@@ -472,7 +475,7 @@ class Registry:
     # -- health checks ---------------------------------------------------
 
     def set_status(
-        self, module_id: str, api_index: int, check: CheckSpec, status: str, output: str = ""
+        self, module_id: str, api_index: int, target: CheckTarget, status: str, output: str = ""
     ) -> Deferred[Change | None]:
         """
         Record what a health check of API C{api_index} of C{module_id} found.
@@ -486,19 +489,19 @@ class Registry:
             raise ValueError(f"unknown status {status!r}")
         return self._serialised(
             module_id,
-            lambda: succeed(self._apply_status(module_id, api_index, check, status, output)),
+            lambda: succeed(self._apply_status(module_id, api_index, target, status, output)),
         )
 
     def _apply_status(
-        self, module_id: str, api_index: int, check: CheckSpec, status: str, output: str
+        self, module_id: str, api_index: int, target: CheckTarget, status: str, output: str
     ) -> Change | None:
         plain = self._modules.get(module_id)
-        if plain is None:
+        if plain is None or module_id in self._expiring:
             return None
         current = Registration.from_plain(plain)
         apis = current.apis
-        if api_index >= len(apis) or apis[api_index].check != check:
-            return None  # re-published meanwhile: a result for an old check
+        if api_index >= len(apis) or apis[api_index].check_target() != target:
+            return None  # re-published meanwhile: a result for an old check or place
         before = apis[api_index].status
         if before == status:
             return None
@@ -583,11 +586,16 @@ class Registry:
         (one process held them, or many processes died together) the reactor
         writes their watch events out between batches, so watchers keep up.
         """
+        # Unbind at once: the monitor no longer watches this process, and
+        # a late publish that binds to it again must watch it anew.
+        modules = self._by_process.pop(identity, None)
+        if not modules:
+            return
         idle = not self._exits
-        self._exits.extend(
-            (module_id, identity) for module_id in self._by_process.get(identity, ())
-        )
-        if idle and self._exits:
+        for module_id in modules:
+            del self._bound[module_id]
+            self._exits.append((module_id, identity))
+        if idle:
             # Not at once: thousands of processes may exit in the same turn.
             self._clock.callLater(0, self._drain_exits)
 
@@ -599,12 +607,19 @@ class Registry:
         if self._exits:
             self._clock.callLater(0, self._drain_exits)
 
+    def _still_dead(self, module_id: str, identity: ProcessIdentity) -> bool:
+        """Whether C{module_id} is still the exited process's (not taken over since)."""
+        plain = self._modules.get(module_id)
+        if plain is None or plain[1] != identity.pid:
+            return False
+        return self._bound.get(module_id) in (None, identity)
+
     def _expire_bound(self, module_id: str, identity: ProcessIdentity) -> Deferred[Change | None]:
-        if self._bound.get(module_id) != identity:
-            return succeed(None)  # rebound or removed since
+        if not self._still_dead(module_id, identity):
+            return succeed(None)  # removed, or published by another process, since
 
         def apply(_: object) -> Change | None:
-            if self._bound.get(module_id) != identity:
+            if not self._still_dead(module_id, identity):
                 return None
             registration = self._remove(module_id)
             change = self._record(ChangeKind.EXPIRED, registration)
@@ -616,14 +631,11 @@ class Registry:
             )
             return change
 
-        def failed(failure: Failure) -> Failure:
-            # Not removed: let it age out by time like any unbound module.
-            self._unbind(module_id)
-            return failure
-
+        # On a store failure it stays, unbound: it ages out by time like any
+        # unbound module.
         d = self._store.remove([module_id])
         d.addErrback(self._persist_failed, "expire", module_id)
-        return d.addCallbacks(apply, failed)
+        return d.addCallback(apply)
 
     def _remove(self, module_id: str) -> Registration:
         self._unbind(module_id)
@@ -692,7 +704,15 @@ class Registry:
             if not victims:
                 done.callback(changes)
                 return
-            d = self._store.remove([plain[0] for plain in victims])
+            ids = [plain[0] for plain in victims]
+            self._expiring.update(ids)
+
+            def written(outcome: object) -> object:
+                self._expiring.difference_update(ids)
+                return outcome
+
+            d = self._store.remove(ids)
+            d.addBoth(written)
             d.addErrback(self._persist_failed, "expire", "stale modules")
             d.addCallback(lambda _: changes.extend(self._apply_expiry(victims, now)))
             if len(victims) < self.expire_batch:
@@ -733,7 +753,11 @@ class Registry:
         for plain in victims:
             module_id = plain[0]
             if self._modules.get(module_id) is not plain:
-                continue  # replaced while the store was removing it
+                # Published again while the store was removing it: it stays,
+                # and goes back on the expiry heap.
+                if module_id in self._modules:
+                    self._push_expiry(module_id, self._last_seen[module_id])
+                continue
             changes.append(self._record(ChangeKind.EXPIRED, self._remove(module_id)))
         if changes:
             # One event per batch: formatting a log line per module would cost
@@ -751,6 +775,14 @@ class Registry:
 
     def flush_heartbeats(self) -> Deferred[None]:
         """Hand the heartbeats recorded since the last flush to the store in one batch."""
+        if self._bound:
+            # A bound module is alive while its process is: record it as seen,
+            # so a registry restarted from a durable store does not find it
+            # stale before its owner's next heartbeat binds it again.
+            now = self._clock.seconds()
+            for module_id in self._bound:
+                self._last_seen[module_id] = now
+            self._touched.update(self._bound)
         if not self._touched:
             return succeed(None)
         batch = {m: self._last_seen[m] for m in self._touched}
@@ -780,10 +812,15 @@ def _with_apis(registration: Registration, apis: tuple[ModuleAPI, ...]) -> Regis
 def _carry_statuses(
     apis: tuple[ModuleAPI, ...], previous: tuple[ModuleAPI, ...]
 ) -> tuple[ModuleAPI, ...]:
-    """C{apis}, each checked one taking the status of the same API at the same place before."""
+    """
+    C{apis}, each checked one taking the status found before for the same
+    check of the same place (whatever its metadata, protocol or services).
+    """
     return tuple(
         evolve(api, status=previous[i].status)
-        if api.check is not None and i < len(previous) and previous[i].same_api(api)
+        if api.check is not None
+        and i < len(previous)
+        and previous[i].check_target() == api.check_target()
         else api
         for i, api in enumerate(apis)
     )

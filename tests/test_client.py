@@ -159,7 +159,7 @@ class AsyncClientTests(RegistryServerMixin, TestCase):
         )
         registration = self.service.registry.get("web")
         assert registration is not None
-        first, second = (api.check for api in registration.apis[:2])
+        first, second = (api.check_target() for api in registration.apis[:2])
         assert first is not None and second is not None
         registry = self.service.registry
         await registry.set_status("web", 0, first, "passing")

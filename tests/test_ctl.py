@@ -239,8 +239,10 @@ class CtlTests(TestCase):
         self.assertEqual(header.split()[-1], "STATUS")
         self.assertEqual((first.split()[-1], second.split()[-1]), ("unknown", "-"))
         registration = registry.get("web")
-        assert registration is not None and registration.apis[0].check is not None
-        await registry.set_status("web", 0, registration.apis[0].check, "critical")
+        assert registration is not None
+        target = registration.apis[0].check_target()
+        assert target is not None
+        await registry.set_status("web", 0, target, "critical")
         out = await self.ok("--url", self.tcp_url, "discover", "--passing", "web")
         self.assertEqual([line.split()[1] for line in out.splitlines()], ["PORT", "82"])
         answer = json.loads(await self.ok("--url", self.tcp_url, "--json", "discover", "web"))

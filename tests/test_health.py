@@ -23,7 +23,7 @@ from hsu_registry.checks.probes import ProbeResult
 from hsu_registry.checks.scheduler import Target
 from hsu_registry.checks.service import HealthCheckService, targets_of
 from hsu_registry.checks.spec import CheckSpec
-from hsu_registry.model import CRITICAL, PASSING, UNKNOWN, parse_publish_body
+from hsu_registry.model import CRITICAL, PASSING, UNKNOWN, CheckTarget, parse_publish_body
 from hsu_registry.registry import Change, ChangeKind, Registry
 from hsu_registry.stores.memory import MemoryStore
 from hsu_registry.testing import ControllableStore
@@ -130,12 +130,13 @@ class StatusTests(_Fixture, SynchronousTestCase):
         self.call("POST", "/publish", body("m", api_entry(80, TCP_CHECK), api_entry(81)))
         registration = self.registry.get("m")
         assert registration is not None
-        self.spec = registration.apis[0].check
-        assert self.spec is not None
+        target = registration.apis[0].check_target()
+        assert target is not None
+        self.target = target
 
-    def set_status(self, status: str, index: int = 0, spec: CheckSpec | None = None) -> Any:
+    def set_status(self, status: str, index: int = 0, target: CheckTarget | None = None) -> Any:
         return self.successResultOf(
-            self.registry.set_status("m", index, spec or self.spec, status, "test")
+            self.registry.set_status("m", index, target or self.target, status, "test")
         )
 
     def test_status_change_is_a_change(self) -> None:
@@ -165,8 +166,10 @@ class StatusTests(_Fixture, SynchronousTestCase):
 
     def test_results_for_old_checks_are_dropped(self) -> None:
         """A result for a check the API no longer has, or an API it no longer has, is ignored."""
-        other = CheckSpec("tcp", None, 30.0, 1.0)
-        self.assertIsNone(self.set_status(PASSING, spec=other))
+        other = CheckTarget("127.0.0.1", 80, CheckSpec("tcp", None, 30.0, 1.0))
+        self.assertIsNone(self.set_status(PASSING, target=other))
+        moved = CheckTarget("127.0.0.1", 8080, self.target.check)  # the old place
+        self.assertIsNone(self.set_status(PASSING, target=moved))
         self.assertIsNone(self.set_status(PASSING, index=5))
         self.assertIsNone(
             self.successResultOf(self.registry.set_status("ghost", 0, other, PASSING))
@@ -203,14 +206,63 @@ class StatusTests(_Fixture, SynchronousTestCase):
         assert registration is not None
         self.assertEqual(registration.apis[0].status, UNKNOWN)
 
+    def test_metadata_change_keeps_status(self) -> None:
+        """An API published again with other metadata, same check and place, keeps its status."""
+        self.set_status(PASSING)
+        self.call(
+            "POST",
+            "/publish",
+            body("m", api_entry(80, TCP_CHECK, metadata={"v": "2"}), api_entry(81)),
+        )
+        registration = self.registry.get("m")
+        assert registration is not None
+        self.assertEqual(registration.apis[0].status, PASSING)
+
+    def test_results_for_a_module_being_expired_are_dropped(self) -> None:
+        """
+        A check result arriving while the store removes an expired module is
+        dropped: the module goes, from memory and store alike.
+        """
+        self.registry.discover_heartbeat = False
+        self.clock.advance(601)
+        self.store.holding = True
+        done = self.registry.expire()
+        self.assertIsNone(self.set_status(PASSING))
+        self.store.release()
+        self.assertEqual([c.module_id for c in self.successResultOf(done)], ["m"])
+        self.assertIsNone(self.registry.get("m"))
+        self.assertEqual(self.successResultOf(self.store.load()), [])
+
+    def test_republished_while_expiring_stays_and_expires_later(self) -> None:
+        """A module published again during its expiry's write stays, and expires in its turn."""
+        self.registry.discover_heartbeat = False
+        self.clock.advance(601)
+        self.store.holding = True
+        done = self.registry.expire()
+        republished = self.registry.publish(parse_publish_body(body("m", api_entry(99))))
+        self.store.release()
+        self.successResultOf(republished)
+        # The expiry went first in the store and in memory; the publish
+        # after it registered the module anew, in both.
+        self.assertEqual([c.kind for c in self.successResultOf(done)], [ChangeKind.EXPIRED])
+        self.assertEqual(self.changes[-1].kind, ChangeKind.PUBLISHED)
+        self.assertIsNotNone(self.registry.get("m"))
+        stored = self.successResultOf(self.store.load())
+        self.assertEqual([r.registration.module_id for r in stored], ["m"])
+        self.store.holding = False
+        self.clock.advance(601)
+        self.assertEqual([c.module_id for c in self.successResultOf(self.registry.expire())], ["m"])
+
     def test_statuses_are_unknown_after_a_restart(self) -> None:
         """A registry loading a stored registration starts its checked APIs unknown."""
         store = MemoryStore()
         first = Registry(store, self.clock)
         first.publish(parse_publish_body(body("m", api_entry(80, TCP_CHECK))))
         registration = first.get("m")
-        assert registration is not None and registration.apis[0].check is not None
-        self.successResultOf(first.set_status("m", 0, registration.apis[0].check, PASSING))
+        assert registration is not None
+        target = registration.apis[0].check_target()
+        assert target is not None
+        self.successResultOf(first.set_status("m", 0, target, PASSING))
         # An update after the status was found writes the status to the store too.
         first.publish(parse_publish_body(body("m", api_entry(80, TCP_CHECK), api_entry(82))))
         second = Registry(store, self.clock)
@@ -237,7 +289,7 @@ class PassingFilterTests(_Fixture, SynchronousTestCase):
         self.call("POST", "/publish", body("sick", api_entry(90, TCP_CHECK)))
         registration = self.registry.get("m")
         assert registration is not None
-        checks = [api.check for api in registration.apis]
+        checks = [api.check_target() for api in registration.apis]
         assert checks[0] is not None and checks[1] is not None
         self.successResultOf(self.registry.set_status("m", 0, checks[0], PASSING))
         self.successResultOf(self.registry.set_status("m", 1, checks[1], CRITICAL))
@@ -267,11 +319,21 @@ class PassingFilterTests(_Fixture, SynchronousTestCase):
         self.assertEqual(self.ports(passing["providers"][0]["apis"]), [80, 82])
 
     def test_bad_passing(self) -> None:
-        """A C{passing} that is not a boolean, or given twice, is a 400."""
+        """
+        A C{passing} that is not a boolean, or given twice, is a 400, at once
+        even on a blocking query.
+        """
+        index = self.registry.index
         for query in ("?passing=maybe", "?passing=true&passing=false"):
-            for path in ("/discover/m", "/services/svc"):
-                code, answer = self.call("GET", path + query)
-                self.assertEqual(code, 400, (path, query))
+            for path in (
+                "/discover/m",
+                "/services/svc",
+                f"/services/svc?index={index}&wait=30s&",
+                "/discover/ghost?wait=30s&",
+            ):
+                url = path + (query if "?" not in path else query[1:])
+                code, answer = self.call("GET", url)
+                self.assertEqual(code, 400, url)
                 self.assertIn("passing", answer["error"])
 
 

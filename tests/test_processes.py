@@ -38,6 +38,7 @@ from hsu_registry.processes.table import (
     parse_stat,
 )
 from hsu_registry.registry import Change, ChangeKind, Registry
+from hsu_registry.stores.memory import MemoryStore
 from hsu_registry.testing import ControllableStore
 from hsu_registry.web.api import RegistryAPI
 
@@ -354,6 +355,23 @@ class RealProcessMonitorTests(TestCase):
         self.assertEqual(await exited, older)
         self.assertEqual(monitor.pidfds, 0)
 
+    def test_pidfds_bounded(self) -> None:
+        """
+        Past C{max_pidfds} (by default half the open-file limit) processes are
+        polled, so pidfds never take the descriptors the listeners need.
+        """
+        if not HAS_PIDFD:
+            raise unittest_skip("no pidfd_open")
+        self.assertGreaterEqual(ProcessMonitor(reactor).max_pidfds, 1)
+        monitor = ProcessMonitor(reactor, max_pidfds=1)
+        self.addCleanup(monitor.close)
+        mine = monitor.identify(os.getpid(), os.getpid())
+        parent = monitor.identify(os.getpid(), os.getppid())
+        assert mine is not None and parent is not None
+        monitor.watch(mine, lambda _: None)
+        monitor.watch(parent, lambda _: None)
+        self.assertEqual((monitor.pidfds, monitor.polled), (1, 1))
+
     def test_falls_back_to_polling(self) -> None:
         """When no pidfd can be had (descriptor limit), the process is polled."""
 
@@ -463,6 +481,43 @@ class BindingTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(turns, [["a", "b"], ["c", "d"], ["e"]])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_publish_landing_after_the_exit(self) -> None:
+        """
+        A publish by the process that the store acknowledges only after the
+        process exited binds to a process nobody watched any more: it is
+        watched anew, found dead, and removed; nothing is left behind.
+        """
+        self.publish("a", peer=1234)
+        self.store.holding = True
+        pending = self.registry.publish(publish_request("b", 1234), peer=1234)
+        self.table.kill(1234)
+        self.monitor.poll()
+        self.clock.advance(0)  # "a"'s removal waits on the store too
+        self.store.release()
+        self.successResultOf(pending)
+        self.clock.advance(0)
+        self.store.release()
+        self.clock.advance(0.5)  # the new watch's first pass
+        self.store.release()
+        self.assertEqual((self.registry.get("a"), self.registry.get("b")), (None, None))
+        self.assertEqual((len(self.monitor), self.registry.bound_processes), (0, 0))
+        self.assertEqual(self.registry._bound, {})
+
+    def test_bound_modules_are_seen_at_each_flush(self) -> None:
+        """
+        Bound modules are recorded as seen at each heartbeat flush, so a
+        registry restarted from a durable store finds them fresh.
+        """
+        store = MemoryStore()
+        registry = Registry(store, self.clock, stale_after=300, processes=self.monitor)
+        self.successResultOf(registry.publish(publish_request("m", 1234), peer=1234))
+        self.clock.advance(3600)
+        self.successResultOf(registry.flush_heartbeats())
+        restarted = Registry(store, self.clock, stale_after=300)
+        self.successResultOf(restarted.load())
+        self.assertFalse(restarted.is_stale("m", self.clock.seconds()))
+        self.assertEqual(restarted.last_seen("m"), self.clock.seconds())
 
     def test_pid_reuse_does_not_keep_it_alive(self) -> None:
         """

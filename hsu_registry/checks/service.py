@@ -16,30 +16,27 @@ from twisted.logger import Logger
 
 from hsu_registry.checks.probes import ProbeResult
 from hsu_registry.checks.scheduler import CheckScheduler, Probe, Target, network_probe
-from hsu_registry.model import CRITICAL, PASSING, Registration
+from hsu_registry.model import CRITICAL, PASSING, CheckTarget, Registration
 from hsu_registry.registry import Change, ChangeKind, Registry, has_checks
 
-__all__ = ["DEFAULT_CHECK_HOST", "HealthCheckService", "targets_of"]
-
-#: Where an API published without an address is checked: the registry's host.
-DEFAULT_CHECK_HOST = "127.0.0.1"
+__all__ = ["HealthCheckService", "targets_of"]
 
 
 def targets_of(registration: Registration) -> list[Target]:
-    """The check targets of C{registration}'s APIs that have a check."""
+    """
+    The check targets of C{registration}'s APIs that have a check, at their
+    address or, without one, the registry's host.
+    """
     if not has_checks(registration):
         return []
-    return [
-        Target(
-            registration.module_id,
-            index,
-            api.address or DEFAULT_CHECK_HOST,
-            api.server_port,
-            api.check,
-        )
-        for index, api in enumerate(registration.apis)
-        if api.check is not None
-    ]
+    targets = []
+    for index, api in enumerate(registration.apis):
+        where = api.check_target()
+        if where is not None:
+            targets.append(
+                Target(registration.module_id, index, where.host, where.port, where.check)
+            )
+    return targets
 
 
 class HealthCheckService(Service):
@@ -110,8 +107,9 @@ class HealthCheckService(Service):
 
     def _report(self, target: Target, result: ProbeResult) -> None:
         status = PASSING if result.passing else CRITICAL
+        where = CheckTarget(target.host, target.port, target.spec)
         d = self.registry.set_status(
-            target.module_id, target.api_index, target.spec, status, result.output
+            target.module_id, target.api_index, where, status, result.output
         )
         d.addErrback(
             lambda f: self.log.failure(

@@ -5,9 +5,11 @@ Calls back when a watched process exits.
 Each watched process gets a pidfd (Linux 5.3 and later), registered with the
 reactor as a reader: the kernel makes it readable the moment the process
 exits, so detection costs nothing while processes live and one reactor turn
-when one dies, however many are watched.  Where a pidfd cannot be had (an old
-kernel, or the descriptor limit reached) the process is polled instead, a
-C{/proc} read per process every C{poll_interval}.  Either way a process is
+when one dies, however many are watched.  Pidfds take at most half of the
+open-file limit, so that the listeners can always accept connections; beyond
+that, and where a pidfd cannot be had at all (a kernel before 5.3), the
+process is polled instead, a C{/proc} read per process every
+C{poll_interval}.  Either way a process is
 known by PID and start time: a PID reused by a newer process is a different
 process.
 """
@@ -15,6 +17,7 @@ process.
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +31,17 @@ from hsu_registry.interfaces import IProcessMonitor
 from hsu_registry.processes.table import IProcessTable, ProcessIdentity, ProcTable
 
 __all__ = ["ProcessMonitor"]
+
+
+def _half_the_file_limit() -> int:
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 512
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(soft // 2, 1)
+
 
 OnExit = Callable[[ProcessIdentity], object]
 
@@ -68,6 +82,8 @@ class ProcessMonitor:
     @param poll_interval: seconds between passes over the processes that
         are polled rather than watched through a pidfd.
     @param use_pidfd: whether to use pidfds at all.
+    @param max_pidfds: the most pidfds held at once (default: half the
+        soft open-file limit).
     """
 
     log = Logger()
@@ -78,11 +94,13 @@ class ProcessMonitor:
         table: IProcessTable | None = None,
         poll_interval: float = 0.5,
         use_pidfd: bool = True,
+        max_pidfds: int | None = None,
     ) -> None:
         self._reactor = reactor
         self._table: IProcessTable = table if table is not None else ProcTable()
         self.poll_interval = poll_interval
         self._use_pidfd = use_pidfd and hasattr(os, "pidfd_open")
+        self.max_pidfds = max_pidfds if max_pidfds is not None else _half_the_file_limit()
         self._watched: dict[ProcessIdentity, OnExit] = {}
         self._readers: dict[ProcessIdentity, _PidfdReader] = {}
         self._polled: dict[ProcessIdentity, None] = {}
@@ -133,22 +151,25 @@ class ProcessMonitor:
             self._watched[identity] = on_exit
             return
         self._watched[identity] = on_exit
-        if self._use_pidfd:
+        if self._use_pidfd and len(self._readers) >= self.max_pidfds:
+            self._warn_once(
+                "{count} pidfds held, the most allowed (half the open-file limit);"
+                " polling further processes every {interval}s",
+                count=len(self._readers),
+            )
+        elif self._use_pidfd:
             try:
                 fd = os.pidfd_open(identity.pid)
             except ProcessLookupError:
                 self._gone_soon(identity)
                 return
             except OSError as e:
-                if not self._warned:
-                    self._warned = True
-                    self.log.warn(
-                        "Cannot open a pidfd for process {pid} ({error}); polling processes"
-                        " every {interval}s instead",
-                        pid=identity.pid,
-                        error=e.strerror,
-                        interval=self.poll_interval,
-                    )
+                self._warn_once(
+                    "Cannot open a pidfd for process {pid} ({error}); polling processes"
+                    " every {interval}s instead",
+                    pid=identity.pid,
+                    error=e.strerror,
+                )
             else:
                 # The PID may have changed hands between the lookup and the
                 # pidfd: the pidfd names whoever has it now.
@@ -195,6 +216,11 @@ class ProcessMonitor:
                 poller, self._poller = self._poller, None
                 if poller.running:
                     poller.stop()
+
+    def _warn_once(self, message: str, **fields: object) -> None:
+        if not self._warned:
+            self._warned = True
+            self.log.warn(message, interval=self.poll_interval, **fields)
 
     def _gone_soon(self, identity: ProcessIdentity) -> None:
         # Never call back from inside watch(): its caller is mid-change.

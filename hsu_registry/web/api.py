@@ -83,13 +83,15 @@ class RegistryAPI:
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
     def discover(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
         args = request.args or {}
-        if b"wait" in args or b"index" in args:
-            return self._blocking(request, lambda: self._discover(request, moduleID), moduleID)
-        return self._discover(request, moduleID)
-
-    def _discover(self, request: IRequest, module_id: str) -> bytes:
-        args = request.args or {}
+        # Parsed before any wait: a bad value is answered at once.
         passing = b"passing" in args and _parse_passing(args[b"passing"])
+        if b"wait" in args or b"index" in args:
+            return self._blocking(
+                request, lambda: self._discover(request, moduleID, passing), moduleID
+            )
+        return self._discover(request, moduleID, passing)
+
+    def _discover(self, request: IRequest, module_id: str, passing: bool = False) -> bytes:
         registration = self.registry.discover(module_id)
         self._index_headers(request)
         body = registration.discover_body
@@ -146,11 +148,11 @@ class RegistryAPI:
 
     @app.route("/api/v1/services/<serviceID>", methods=["GET"])
     def service(self, request: IRequest, serviceID: str) -> bytes | Deferred[bytes]:
-        return self._maybe_blocking(request, lambda: self._service(request, serviceID))
-
-    def _service(self, request: IRequest, service_id: str) -> bytes:
         args = request.args or {}
         passing = b"passing" in args and _parse_passing(args[b"passing"])
+        return self._maybe_blocking(request, lambda: self._service(request, serviceID, passing))
+
+    def _service(self, request: IRequest, service_id: str, passing: bool) -> bytes:
         now = self.clock.seconds()
         providers = []
         for registration, _seen in self.registry.providers(service_id):
