@@ -418,6 +418,8 @@ def _answer_json(api: RemoteModuleAPI) -> dict[str, object]:
     out = api.to_json()
     if api.status is not None:
         out["status"] = api.status
+    if api.check_output is not None:
+        out["checkOutput"] = api.check_output
     return out
 
 

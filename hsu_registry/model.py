@@ -91,7 +91,8 @@ class ModuleAPI:
     ``address`` of L{None} means "the registry's host"; ``metadata`` is a tuple
     of (key, value) pairs in the order published.  An API published with a
     ``check`` carries the C{status} its last check found (L{UNKNOWN} until
-    the first); one without has no status.
+    the first) and, once checked, that check's C{output} (``HTTP 503``,
+    ``connection refused``...); one without has neither.
     """
 
     service_ids: tuple[str, ...]
@@ -101,6 +102,7 @@ class ModuleAPI:
     metadata: tuple[tuple[str, str], ...] = ()
     check: CheckSpec | None = None
     status: str | None = None
+    output: str | None = None
 
     @property
     def passing(self) -> bool:
@@ -130,6 +132,8 @@ class ModuleAPI:
         if self.check is not None:
             out["check"] = self.check.to_json()
             out["status"] = self.status or UNKNOWN
+            if self.output:
+                out["checkOutput"] = self.output
         return out
 
     @classmethod
@@ -143,6 +147,7 @@ class ModuleAPI:
             metadata=tuple(raw.get("metadata", {}).items()),
             check=CheckSpec.from_json(raw["check"]) if "check" in raw else None,
             status=raw.get("status"),
+            output=raw.get("checkOutput"),
         )
 
 

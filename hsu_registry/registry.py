@@ -479,7 +479,8 @@ class Registry:
     ) -> Deferred[Change | None]:
         """
         Record what a health check of API C{api_index} of C{module_id} found.
-        A new status re-encodes the registration, bumps the change index and
+        A new status (with the check's C{output}, which answers show as
+        C{checkOutput}) re-encodes the registration, bumps the change index and
         is announced as a C{status} change; the same status again, or a
         result for a check the module no longer has, changes nothing.
         Statuses live in memory only: after a restart they are unknown until
@@ -506,7 +507,7 @@ class Registry:
         if before == status:
             return None
         changed = list(apis)
-        changed[api_index] = evolve(apis[api_index], status=status)
+        changed[api_index] = evolve(apis[api_index], status=status, output=output or None)
         registration = _with_apis(current, tuple(changed))
         self._modules[module_id] = registration.plain()
         gctune.replaced()
@@ -800,7 +801,7 @@ def has_checks(registration: Registration) -> bool:
 
 
 def _unchecked(api: ModuleAPI) -> ModuleAPI:
-    return api if api.check is None else evolve(api, status=UNKNOWN)
+    return api if api.check is None else evolve(api, status=UNKNOWN, output=None)
 
 
 def _with_apis(registration: Registration, apis: tuple[ModuleAPI, ...]) -> Registration:
@@ -817,7 +818,7 @@ def _carry_statuses(
     check of the same place (whatever its metadata, protocol or services).
     """
     return tuple(
-        evolve(api, status=previous[i].status)
+        evolve(api, status=previous[i].status, output=previous[i].output)
         if api.check is not None
         and i < len(previous)
         and previous[i].check_target() == api.check_target()

@@ -162,12 +162,13 @@ class AsyncClientTests(RegistryServerMixin, TestCase):
         first, second = (api.check_target() for api in registration.apis[:2])
         assert first is not None and second is not None
         registry = self.service.registry
-        await registry.set_status("web", 0, first, "passing")
+        await registry.set_status("web", 0, first, "passing", "up")
         await registry.set_status("web", 1, second, "critical")
         passing = await client.find_module_apis("web", passing=True)
         self.assertEqual(
             [(api.server_port, api.status) for api in passing], [(1, "passing"), (3, None)]
         )
+        self.assertEqual([api.check_output for api in passing], ["up", None])
         blocking = BlockingRegistryClient(self.unix_url)
         self.addCleanup(blocking.close)
         ports = await deferToThread(

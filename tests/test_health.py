@@ -150,6 +150,8 @@ class StatusTests(_Fixture, SynchronousTestCase):
         self.assertEqual(self.registry.index, index + 1)
         _, found = self.call("GET", "/discover/m")
         self.assertEqual(found["apis"][0]["status"], PASSING)
+        self.assertEqual(found["apis"][0]["checkOutput"], "test")
+        self.assertNotIn("checkOutput", found["apis"][1])
         self.assertEqual(self.store.writes, 1)  # statuses are not written to the store
 
     def test_status_event_on_the_watch_stream(self) -> None:

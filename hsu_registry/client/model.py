@@ -47,8 +47,9 @@ class RemoteModuleAPI:
     C{check} asks the registry to check it, as the publish body's C{check}
     object: C{{"tcp": True}} or C{{"http": "/healthz"}}, with optional
     C{"interval"} and C{"timeout"} durations such as C{"10s"}.  C{status} is
-    what the registry last found (C{unknown}, C{passing} or C{critical}), in
-    answers only; it is never published.
+    what the registry last found (C{unknown}, C{passing} or C{critical}) and
+    C{check_output} what that check said, in answers only; neither is ever
+    published.
 
     @raise ValueError: on construction, when the server would refuse it.
     """
@@ -60,6 +61,7 @@ class RemoteModuleAPI:
     metadata: Mapping[str, str] | None = field(default=None, converter=_metadata, hash=False)
     check: Mapping[str, Any] | None = field(default=None, converter=_check, hash=False)
     status: str | None = None
+    check_output: str | None = None
 
     def __attrs_post_init__(self) -> None:
         try:
@@ -92,6 +94,7 @@ class RemoteModuleAPI:
         except InvalidRequest as e:
             raise ValueError(e.message) from None
         status = raw.get("status") if isinstance(raw, Mapping) else None
+        output = raw.get("checkOutput") if isinstance(raw, Mapping) else None
         return cls(
             service_ids=api.service_ids,
             server_port=api.server_port,
@@ -100,6 +103,7 @@ class RemoteModuleAPI:
             metadata=dict(api.metadata) or None,
             check=api.check.to_json() if api.check is not None else None,
             status=status if status in STATUSES else None,
+            check_output=output if isinstance(output, str) else None,
         )
 
 
