@@ -400,6 +400,31 @@ class ProbeTests(TestCase):
         self.assertEqual(result, ProbeResult(False, "no response: connection closed"))
         await watching.closed()
 
+    async def test_httpGarbage(self) -> None:
+        """
+        An answer that is not HTTP, or a status line that never ends, is
+        critical with "bad response", and the connection is closed.
+        """
+
+        class Says(Protocol):
+            reply = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                assert self.transport is not None
+                self.transport.write(self.reply)
+
+        for reply, output in (
+            (b"SSH-2.0-OpenSSH_9.2\r\n", "bad response: 'SSH-2.0-OpenSSH_9.2'"),
+            (b"HTTP/1.1 2000 Huh\r\n", "bad response: 'HTTP/1.1 2000 Huh'"),
+            (b"x" * 2000, "bad response: status line too long"),
+        ):
+            says: Any = type("Says", (Says,), {"reply": reply})
+            factory = Factory.forProtocol(says)
+            watching, port = self.listen(factory)
+            result = await http_probe(reactor, "127.0.0.1", port.getHost().port, "/", 5.0)
+            self.assertEqual(result, ProbeResult(False, output))
+            await watching.closed()
+
     async def test_httpIPv6(self) -> None:
         """An IPv6 literal is bracketed in the URL and the Host header."""
         resource = _Answer(204)
@@ -483,6 +508,25 @@ class ProbeWithoutNetworkTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(probing), ProbeResult(False, "timed out after 1.5s"))
         self.assertTrue(memory.connectors[0].stoppedConnecting)
         self.assertEqual(memory.getDelayedCalls(), [])
+
+    def test_addressesSkipTheResolver(self) -> None:
+        """
+        An IP address is connected to at once, without a name lookup in the
+        resolver's threads, through a factory that logs nothing per connection.
+        """
+        memory = MemoryReactorClock()
+        resolved: list[str] = []
+        resolver: Any = memory.nameResolver
+        resolver.resolveHostName = lambda receiver, name, *a, **k: resolved.append(name)
+        tcp_probe(memory, "192.0.2.1", 80, 1.0).cancel()
+        http_probe(memory, "2001:db8::1", 8080, "/h", 1.0).cancel()
+        self.assertEqual(
+            [(c[0], c[1]) for c in memory.tcpClients], [("192.0.2.1", 80), ("2001:db8::1", 8080)]
+        )
+        self.assertEqual(resolved, [])
+        self.assertFalse(memory.tcpClients[0][2]._wrappedFactory.noisy)
+        tcp_probe(memory, "registry.invalid", 80, 1.0).cancel()  # a name: looked up
+        self.assertEqual(resolved, ["registry.invalid"])
 
     def test_tcpCancelled(self) -> None:
         """Cancelling a connecting probe stops the attempt and cancels its timer."""

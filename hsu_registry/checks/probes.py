@@ -6,6 +6,12 @@ Each probe is bounded by its timeout and never fails: whatever goes wrong
 becomes a critical L{ProbeResult} with a short reason, so callers only ever
 handle results. Cancelling a probe aborts its connection, so an abandoned
 probe leaves no socket or timer behind.
+
+A daemon may run a thousand of these a second, so each is kept cheap: an IP
+address is connected to directly (only host names go through the resolver's
+threads), the factories do not log every connection, and the HTTP probe
+sends one request and reads only the status line of the answer, which is
+all a check needs, instead of parsing whole responses with a full client.
 """
 
 from __future__ import annotations
@@ -14,20 +20,19 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import (
     ConnectionClosed,
+    ConnectionDone,
     ConnectionRefusedError,
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseFailed
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from hsu_registry.checks.spec import go_duration
 
@@ -63,8 +68,7 @@ def tcp_probe(
     """
 
     def connect() -> Deferred[ProbeResult]:
-        endpoint = HostnameEndpoint(reactor, host, port, timeout=_slack(timeout))
-        connecting = endpoint.connect(Factory.forProtocol(_HangUp))
+        connecting = _endpoint(reactor, host, port, timeout).connect(_QuietFactory(_HangUp))
         return connecting.addCallback(lambda _: ProbeResult(True, "connected"))
 
     return _bounded(connect, timeout, clock or reactor)
@@ -88,14 +92,53 @@ def http_probe(
     """
 
     def get() -> Deferred[ProbeResult]:
-        url = b"http://%b:%d%b" % (_url_host(host), port, path.encode("ascii"))
-        # Agent's default pool is not persistent: the connection closes with
-        # the response, and a check interval later a fresh one is made.
-        agent = Agent(reactor, connectTimeout=_slack(timeout))
-        requesting = agent.request(b"GET", url, Headers({b"User-Agent": [USER_AGENT]}))
-        return requesting.addCallback(_judge_response)
+        request = (
+            b"GET %b HTTP/1.1\r\nHost: %b:%d\r\nUser-Agent: %b\r\n"
+            b"Connection: close\r\n\r\n" % (path.encode("ascii"), _url_host(host), port, USER_AGENT)
+        )
+        answered: Deferred[ProbeResult] = Deferred()
+        factory = _QuietFactory(lambda: _StatusLine(request, answered))
+        connecting = _endpoint(reactor, host, port, timeout).connect(factory)
+
+        def connected(protocol: IProtocol) -> Deferred[ProbeResult]:
+            # Cancelling the answer (the probe timed out) aborts the connection.
+            answered.addErrback(lambda f: _abort(protocol, f))
+            return answered
+
+        return connecting.addCallback(connected)
 
     return _bounded(get, timeout, clock or reactor)
+
+
+#: The longest status line read before the answer counts as garbage.
+_MAX_STATUS_LINE = 1024
+
+
+class _QuietFactory(Factory):
+    """A client factory that does not log each connection's start and stop."""
+
+    noisy = False
+
+    def __init__(self, build: Callable[[], Protocol]) -> None:
+        self._build = build
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        protocol = self._build()
+        protocol.factory = self
+        return protocol
+
+
+def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    An endpoint to C{host}:C{port}: an IP address directly, a name through
+    the reactor's resolver (off the reactor thread).
+    """
+    slack = _slack(timeout)
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=slack)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=slack)
+    return HostnameEndpoint(reactor, host, port, timeout=slack)
 
 
 class _HangUp(Protocol):
@@ -106,18 +149,58 @@ class _HangUp(Protocol):
         self.transport.loseConnection()
 
 
-class _Discard(Protocol):
-    """Receive a response body by refusing it: stop the transport at once."""
+class _StatusLine(Protocol):
+    """
+    Send one GET and judge the answer by its status line: any 2xx passes.
+    The connection is then aborted, so a huge or endless body costs nothing.
+    """
+
+    def __init__(self, request: bytes, answered: Deferred[ProbeResult]) -> None:
+        self.request = request
+        self.answered = answered
+        self.received = b""
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered.called:
+            return
+        self.received += data
+        end = self.received.find(b"\r\n")
+        if end < 0:
+            if len(self.received) > _MAX_STATUS_LINE:
+                self._answer(ProbeResult(False, "bad response: status line too long"))
+            return
+        self._answer(_judge_status_line(self.received[:end]))
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        if not self.answered.called:
+            self.answered.callback(ProbeResult(False, "no response: connection closed"))
+
+    def _answer(self, result: ProbeResult) -> None:
+        self.answered.callback(result)
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-def _judge_response(response: IResponse) -> ProbeResult:
-    # Only the status matters; a huge or endless body must cost nothing.
-    response.deliverBody(_Discard())
-    return ProbeResult(200 <= response.code < 300, f"HTTP {response.code}")
+def _judge_status_line(line: bytes) -> ProbeResult:
+    """C{HTTP/1.1 200 OK}: passing for 2xx; anything else critical."""
+    parts = line.split(None, 2)
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        code = int(parts[1])
+        if len(parts[1]) == 3:
+            return ProbeResult(200 <= code < 300, f"HTTP {code}")
+    shown = line[:60].decode("ascii", "replace")
+    return ProbeResult(False, f"bad response: {shown!r}")
+
+
+def _abort(protocol: IProtocol, failure: Failure) -> Failure:
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+    return failure
 
 
 def _slack(timeout: float) -> float:
@@ -183,8 +266,5 @@ def _describe(failure: Failure) -> str:
         return "connection timed out"
     if isinstance(exc, ConnectionClosed):
         return "connection closed"
-    if isinstance(exc, ResponseFailed):  # ResponseNeverReceived included
-        reasons = exc.reasons
-        return "no response: " + (_describe(reasons[0]) if reasons else "unknown error")
     text = failure.getErrorMessage().strip() or type(failure.value).__name__
     return text[:_MAX_OUTPUT]
