@@ -6,9 +6,10 @@ It starts the installed daemon (and a bare twisted.web reference) as
 subprocesses, loads them, stops them, prints a table and writes JSON (by
 default ``bench/results/latest.json``): throughput and latency, publish on the
 memory and the SQLite store (closed loop, and 64 publishers at a fixed rate),
-memory, start-up, cleanup lag, garbage-collector pauses, watch fan-out and
-process liveness (see each module of this package).  Progress goes to stderr, the table to stdout.
-``--quick`` (about 30 s) keeps the harness working: tiny runs with the
+memory, start-up, cleanup lag, garbage-collector pauses, watch fan-out,
+process liveness and active health checks (see each module of this package).
+Progress goes to stderr, the table to stdout.
+``--quick`` (about 75 s) keeps the harness working: tiny runs with the
 Python generator only; its figures mean nothing.
 """
 
@@ -39,7 +40,17 @@ from bench.workload import DISCOVER_MODULE, PUBLISH_PATH, discover_path, publish
 
 __all__ = ["main"]
 
-SECTIONS = ("throughput", "store", "memory", "startup", "cleanup", "gc", "fanout", "liveness")
+SECTIONS = (
+    "throughput",
+    "store",
+    "memory",
+    "startup",
+    "cleanup",
+    "gc",
+    "fanout",
+    "liveness",
+    "checks",
+)
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 #: The store section's paced part in a quick run: one total rate (req/s).
 QUICK_PACED_RATE = 200.0
@@ -49,6 +60,9 @@ FANOUT_TIMEOUT = {True: 60.0, False: 360.0}
 #: Bounds on the liveness section's subprocess (bench.liveness bounds itself at
 #: 60 s with --quick, 480 s without; this is the margin beyond).
 LIVENESS_TIMEOUT = {True: 90.0, False: 540.0}
+#: Bounds on the checks section's subprocess (bench.checks bounds itself at
+#: 50 s with --quick, 240 s without; this is the margin beyond).
+CHECKS_TIMEOUT = {True: 80.0, False: 300.0}
 
 
 def _progress(line: str) -> None:
@@ -67,7 +81,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="tiny runs, Python generator only, about 2 s of load for the store section, "
         "1 000 modules, 10 000 registrations, 2 starts, 2 000 modules for the gc section, "
         "50 watchers and 50 blocking queries for the fanout section, "
-        "5 kills and 1 000 bound modules for the liveness section",
+        "5 kills and 1 000 bound modules for the liveness section, "
+        "200 checked modules and 3 s windows for the checks section",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     parser.add_argument(
@@ -167,6 +182,20 @@ def _liveness(workspace: Workspace, quick: bool) -> dict[str, Any]:
         "bench.liveness",
         [*(["--quick"] if quick else []), f"--json={path}"],
         timeout=LIVENESS_TIMEOUT[quick],
+    )
+    with open(path, encoding="utf-8") as f:
+        result: dict[str, Any] = json.load(f)
+    return result
+
+
+def _checks(workspace: Workspace, quick: bool) -> dict[str, Any]:
+    """bench.checks in a subprocess (its target process and listeners stay there)."""
+    _progress(f"checks: python -m bench.checks{' --quick' if quick else ''}")
+    path = workspace.new_path("checks") + ".json"
+    workspace.run_python(
+        "bench.checks",
+        [*(["--quick"] if quick else []), f"--json={path}"],
+        timeout=CHECKS_TIMEOUT[quick],
     )
     with open(path, encoding="utf-8") as f:
         result: dict[str, Any] = json.load(f)
@@ -288,6 +317,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "liveness" in args.sections:
             results["liveness"] = _liveness(workspace, quick)
             notes.extend(f"liveness: {note}" for note in results["liveness"].get("notes", []))
+        if "checks" in args.sections:
+            results["checks"] = _checks(workspace, quick)
+            notes.extend(f"checks: {note}" for note in results["checks"].get("notes", []))
     results["meta"]["elapsed_s"] = time.monotonic() - began
     results["meta"]["loadavg_after"] = list(os.getloadavg())
     return results

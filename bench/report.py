@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from bench import fanout, liveness
+from bench import checks, fanout, liveness
 from bench.memory import IDLE_TARGET, LEVELS
 
 __all__ = ["render", "write_json"]
@@ -344,6 +344,11 @@ def _liveness(results: dict[str, Any]) -> list[str]:
     return liveness.render(results["liveness"], notes=False).splitlines()
 
 
+def _checks(results: dict[str, Any]) -> list[str]:
+    """bench.checks's own table; its notes go with the run's (see L{bench.__main__})."""
+    return checks.render(results["checks"], notes=False).splitlines()
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole table as text."""
     meta = results["meta"]
@@ -365,6 +370,7 @@ def render(results: dict[str, Any]) -> str:
         ("gc", _gc),
         ("fanout", _fanout),
         ("liveness", _liveness),
+        ("checks", _checks),
     ):
         if name in results:
             lines.extend(section(results))

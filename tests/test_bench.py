@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HSU_REGISTRY = os.path.join(os.path.dirname(sys.executable), "hsu-registry")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-BENCH_TIMEOUT = 150.0
+BENCH_TIMEOUT = 180.0
 
 OPERATIONS = ("discover", "publish", "publish_new", "health")
 TRANSPORTS = ("tcp", "unix")
@@ -78,6 +78,32 @@ LIVENESS_SHAPE_FIGURES = (
     "publish_rps",
     "idle_cpu_ms",
     "idle_cpu_sched_ms",
+)
+#: bench.checks --quick: its settings.
+CHECKS_QUICK = {"modules": 200, "window_s": 3.0, "check_concurrency": 32, "discover_requests": 1000}
+#: Its phases measured over a window (none: no check), and their figures.
+CHECKS_PHASES = ("none", "tcp", "http")
+CHECKS_FIGURES = (
+    "window_s",
+    "checks_per_s",
+    "cpu_ms_per_s",
+    "cpu_sched_ms_per_s",
+    "target_cpu_ms_per_s",
+    "log_bytes_per_s",
+)
+CHECKS_DISCOVER = ("p50_ms", "p90_ms", "p99_ms", "max_ms")
+CHECKS_HUNG_COUNTS = (
+    "fds_idle",
+    "fds_max",
+    "extra_fds_max",
+    "extra_fds_p50",
+    "extra_fds_p99",
+    "samples_over_bound",
+    "fd_samples",
+    "target_open_max",
+    "target_accepted",
+    "checks",
+    "threads",
 )
 PACED_FIGURES = (
     "rps",
@@ -153,7 +179,13 @@ class QuickBenchmarkTests(TestCase):
         unbound and bound to one and to 1 000 processes: memory, descriptors,
         one pidfd per bound process, idle CPU, publish rate with its ratio to
         the unbound shape, and every bound registration removed once its
-        processes were killed).
+        processes were killed) and active health checks (200 modules without
+        a check, then with a tcp and with an http check each, against the
+        bench's own targets: checks counted by the target, the daemon's CPU
+        per second and per check, discover latency with its ratio to the
+        figure without checks, every API passing once; then http checks
+        against a target that never answers: descriptors and connections
+        held, every API critical).
         """
         if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
             raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
@@ -182,8 +214,15 @@ class QuickBenchmarkTests(TestCase):
             "pidfd (default)",
             "Cost of process tracking",
             "bound to N processes",
+            "Active health checks",
+            "Hung target",
         ):
             self.assertIn(heading, table)
+        rows = {
+            line.split()[0] for line in table.splitlines() if line.startswith("  ") and line.strip()
+        }
+        for phase in CHECKS_PHASES:
+            self.assertIn(phase, rows)
 
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
@@ -382,6 +421,60 @@ class QuickBenchmarkTests(TestCase):
             self.assertIn(cell["removal_seen_by"], ("watch", "health"), where)
             self.assertEqual(cell["remaining"], 0, where)
             self.assertEqual(cell["expired_log_lines"], modules, where)
+
+        self.checkChecks(results["checks"])
+
+    def checkChecks(self, checks: dict[str, Any]) -> None:
+        """The checks section's JSON (L{bench.checks}) is complete."""
+        for name, value in CHECKS_QUICK.items():
+            self.assertEqual(checks["settings"][name], value, f"checks {name}")
+        modules = CHECKS_QUICK["modules"]
+        self.assertEqual(checks["exit_status"], 0)
+        for phase in CHECKS_PHASES:
+            where = f"checks {phase}"
+            cell = checks[phase]
+            for figure in CHECKS_FIGURES:
+                self.assertNumber(cell[figure], f"{where} {figure}")
+            for figure in ("checks", "fds_max", "threads", "status_changes", "target_errors"):
+                self.assertIsInstance(cell[figure], int, f"{where} {figure}")
+            discover = cell["discover"]
+            self.assertGreater(discover["requests"], 0, where)
+            self.assertLessEqual(discover["requests"], CHECKS_QUICK["discover_requests"], where)
+            for figure in CHECKS_DISCOVER:
+                self.assertNumber(discover[figure], f"{where} discover {figure}")
+            if phase == "none":
+                self.assertEqual(cell["checks"], 0, where)
+                self.assertEqual(cell["statuses_after"], {"none": modules}, where)
+                continue
+            # The section waits for every API to pass before its window.
+            self.assertNumber(cell["ready_s"], f"{where} ready_s")
+            self.assertGreater(cell["checks"], 0, where)
+            for figure in ("cpu_over_idle_ms_per_s", "cpu_us_per_check", "log_bytes_per_check"):
+                self.assertNumber(cell[figure], f"{where} {figure}")
+            for figure in ("p50_ms", "p90_ms", "p99_ms"):
+                self.assertNumber(cell["discover_ratio"][figure], f"{where} ratio {figure}")
+            self.assertEqual(sum(cell["statuses_after"].values()), modules, where)
+            self.assertLessEqual(
+                set(cell["statuses_after"]), {"passing", "critical", "unknown"}, where
+            )
+            self.assertEqual(cell["passing_after"], cell["statuses_after"].get("passing", 0))
+        self.assertGreaterEqual(checks["http"]["http_accepted"], checks["http"]["checks"])
+
+        hung = checks["hung"]
+        self.assertEqual(hung["critical"], modules, "every hung API ends critical")
+        self.assertEqual(hung["last_output"], "timed out after 1s")
+        self.assertEqual(hung["bound"], CHECKS_QUICK["check_concurrency"])
+        for figure in CHECKS_HUNG_COUNTS:
+            self.assertIsInstance(hung[figure], int, f"checks hung {figure}")
+        self.assertGreater(hung["target_accepted"], 0)
+        self.assertGreater(hung["fd_samples"], 0)
+        self.assertEqual(hung["fds_max"], hung["fds_idle"] + hung["extra_fds_max"])
+        for figure in ("all_critical_s", "expected_round_s", "cpu_ms_per_s", "checks_per_s"):
+            self.assertNumber(hung[figure], f"checks hung {figure}")
+        self.assertEqual(hung["expected_round_s"], modules / CHECKS_QUICK["check_concurrency"])
+        self.assertIsInstance(hung["bound_ok"], bool)
+        self.assertIsInstance(hung["steady_ok"], bool)
+        self.assertIsInstance(checks["log"]["lines"], int)
 
 
 class _Slow(Resource):
