@@ -77,6 +77,10 @@ _OPTION_NAMES = (
     ("api.protocol", "--protocol"),
     ("api.address", "--address"),
     ("api.metadata", "--meta"),
+    ("api.check.interval", "--check-interval"),
+    ("api.check.timeout", "--check-timeout"),
+    ("api.check.http", "--check"),
+    ("api.check", "--check"),
 )
 
 
@@ -239,6 +243,17 @@ def _build_parser(stdout: IO[str]) -> _Parser:
         help="a metadata entry (repeat for several)",
     )
     publish.add_argument(
+        "--check",
+        metavar="tcp|http:PATH",
+        help="have the registry check the API: a TCP connect, or an HTTP GET of PATH",
+    )
+    publish.add_argument(
+        "--check-interval", metavar="DURATION", help="time between checks (default: 10s)"
+    )
+    publish.add_argument(
+        "--check-timeout", metavar="DURATION", help="time a check may take (default: 1s)"
+    )
+    publish.add_argument(
         "--pid",
         type=_process_id,
         default=0,
@@ -290,6 +305,26 @@ def _option_message(message: str) -> str:
     return message
 
 
+def _check(args: argparse.Namespace) -> dict[str, object] | None:
+    """The publish body's C{check} object from C{--check} and its timings."""
+    if args.check is None:
+        if args.check_interval is not None or args.check_timeout is not None:
+            raise _UsageError("--check-interval and --check-timeout need --check")
+        return None
+    check: dict[str, object]
+    if args.check == "tcp":
+        check = {"tcp": True}
+    elif args.check.startswith("http:"):
+        check = {"http": args.check[len("http:") :]}
+    else:
+        raise _UsageError("--check must be tcp or http:PATH, e.g. http:/healthz")
+    if args.check_interval is not None:
+        check["interval"] = args.check_interval
+    if args.check_timeout is not None:
+        check["timeout"] = args.check_timeout
+    return check
+
+
 def _plan_health(args: argparse.Namespace) -> _Action:
     def health(client: BlockingRegistryClient) -> _Outcome:
         result = client.health()
@@ -319,6 +354,7 @@ def _plan_publish(args: argparse.Namespace) -> _Action:
         if key in metadata:
             raise _UsageError(f"--meta: key {key!r} is given more than once")
         metadata[key] = value
+    check = _check(args)
     try:
         api = RemoteModuleAPI(
             service_ids=tuple(args.services),
@@ -326,6 +362,7 @@ def _plan_publish(args: argparse.Namespace) -> _Action:
             protocol=args.protocol,
             address=args.address,
             metadata=metadata,
+            check=check,
         )
         remote = RemoteAPI(module_id, (api,))
     except ValueError as e:

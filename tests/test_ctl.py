@@ -248,6 +248,28 @@ class CtlTests(TestCase):
         answer = json.loads(await self.ok("--url", self.tcp_url, "--json", "discover", "web"))
         self.assertEqual([api.get("status") for api in answer["apis"]], ["critical", None])
 
+    async def test_publish_with_check(self) -> None:
+        """publish --check asks the registry to check the API; bad check options exit 2."""
+        base = ["--url", self.tcp_url, "publish", "web", "--service", "s", "--port", "81"]
+        await self.ok(
+            *base, "--protocol", "http", "--check", "http:/healthz", "--check-interval", "30s"
+        )
+        registration = self.service.registry.get("web")
+        assert registration is not None
+        (api,) = registration.apis
+        assert api.check is not None
+        self.assertEqual(
+            (api.check.path, api.check.interval, api.status), ("/healthz", 30.0, "unknown")
+        )
+        for extra, fragment in (
+            (["--check", "udp"], "--check must be tcp or http:PATH"),
+            (["--check", "http:healthz"], "--check must start with '/'"),
+            (["--check", "tcp", "--check-interval", "10ms"], "--check-interval must be between"),
+            (["--check-timeout", "1s"], "need --check"),
+        ):
+            line = await self.fails(EXIT_USAGE, *base, "--protocol", "http", *extra)
+            self.assertIn(fragment, line)
+
     async def test_discover_table_without_optional_fields(self) -> None:
         """An absent address and empty metadata are shown as '-'."""
         await self.ok(
