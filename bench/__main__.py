@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import FrameType
 from typing import Any
 
 from bench import wrk
@@ -32,7 +31,8 @@ from bench.daemon import BENCH_DIR, Server, Workspace, start_daemon, start_refer
 from bench.gcpause import measure_gc
 from bench.memory import LEVELS, measure_memory
 from bench.probe import request
-from bench.report import render, write_json
+from bench.report import render
+from bench.section import on_sigterm, progress, write_json
 from bench.startup import measure_startup
 from bench.store import PACED_RATES, PacedSettings, measure_store
 from bench.throughput import Settings, measure_throughput
@@ -63,10 +63,6 @@ LIVENESS_TIMEOUT = {True: 90.0, False: 540.0}
 #: Bounds on the checks section's subprocess (bench.checks bounds itself at
 #: 50 s with --quick, 240 s without; this is the margin beyond).
 CHECKS_TIMEOUT = {True: 80.0, False: 300.0}
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -160,50 +156,24 @@ def _meta(args: argparse.Namespace, settings: Settings, starts: int, wrk_path: s
     }
 
 
-def _fanout(workspace: Workspace, quick: bool) -> dict[str, Any]:
-    """bench.fanout in a subprocess (its open-file limit and gc.disable() stay there)."""
-    _progress(f"fanout: python -m bench.fanout{' --quick' if quick else ''}")
-    path = workspace.new_path("fanout") + ".json"
+def _subprocess_section(
+    workspace: Workspace, name: str, quick: bool, timeout: dict[bool, float]
+) -> dict[str, Any]:
+    """
+    C{python -m bench.NAME} in a subprocess: what a section changes in its
+    process (open-file limit, gc.disable(), forked module processes, target
+    listeners) stays there; its JSON is its result.
+    """
+    progress(f"{name}: python -m bench.{name}{' --quick' if quick else ''}")
+    path = workspace.new_path(name) + ".json"
     workspace.run_python(
-        "bench.fanout",
+        f"bench.{name}",
         [*(["--quick"] if quick else []), f"--json={path}"],
-        timeout=FANOUT_TIMEOUT[quick],
+        timeout=timeout[quick],
     )
     with open(path, encoding="utf-8") as f:
         result: dict[str, Any] = json.load(f)
     return result
-
-
-def _liveness(workspace: Workspace, quick: bool) -> dict[str, Any]:
-    """bench.liveness in a subprocess (its open-file limit and module processes stay there)."""
-    _progress(f"liveness: python -m bench.liveness{' --quick' if quick else ''}")
-    path = workspace.new_path("liveness") + ".json"
-    workspace.run_python(
-        "bench.liveness",
-        [*(["--quick"] if quick else []), f"--json={path}"],
-        timeout=LIVENESS_TIMEOUT[quick],
-    )
-    with open(path, encoding="utf-8") as f:
-        result: dict[str, Any] = json.load(f)
-    return result
-
-
-def _checks(workspace: Workspace, quick: bool) -> dict[str, Any]:
-    """bench.checks in a subprocess (its target process and listeners stay there)."""
-    _progress(f"checks: python -m bench.checks{' --quick' if quick else ''}")
-    path = workspace.new_path("checks") + ".json"
-    workspace.run_python(
-        "bench.checks",
-        [*(["--quick"] if quick else []), f"--json={path}"],
-        timeout=CHECKS_TIMEOUT[quick],
-    )
-    with open(path, encoding="utf-8") as f:
-        result: dict[str, Any] = json.load(f)
-    return result
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["meta"]["hsu_registry_version"] = version
         results["meta"]["hsu_registry_digest"] = digest
         if "throughput" in args.sections:
-            _progress("throughput: starting the daemons and the reference")
+            progress("throughput: starting the daemons and the reference")
             daemon = start_daemon(workspace, "daemon")
             growth = start_daemon(workspace, "growth", ["--max-modules=100000000"])
             reference = None
@@ -246,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 reference = start_reference(workspace, bodies)
                 _check_reference(reference, body, content_type)
                 throughput, reference_figures = measure_throughput(
-                    workspace, daemon, growth, reference, settings, _progress
+                    workspace, daemon, growth, reference, settings, progress
                 )
                 results["throughput"] = throughput
                 results["reference"] = reference_figures
@@ -277,8 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 duration=0.5 if quick and args.duration is None else settings.duration,
                 warmup=settings.warmup,
             )
-            _progress("store: publish with the memory store and with the SQLite store")
-            results["store"] = measure_store(workspace, store_settings, _progress, paced)
+            progress("store: publish with the memory store and with the SQLite store")
+            results["store"] = measure_store(workspace, store_settings, progress, paced)
             if store_settings.use_wrk:
                 results["store"]["generator_version"] = results["meta"]["tcp_generator"]
             if results["store"]["sync_counter"] is None:
@@ -290,13 +260,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "memory" in args.sections:
             results["memory"] = {}
             for transport in ("tcp", "unix"):
-                _progress(f"memory over {transport}: publishing up to {levels[-1]} modules")
+                progress(f"memory over {transport}: publishing up to {levels[-1]} modules")
                 results["memory"][transport] = measure_memory(workspace, transport, levels)
         if "startup" in args.sections:
-            _progress(f"start-up: {starts} starts of each command over each transport")
+            progress(f"start-up: {starts} starts of each command over each transport")
             results["startup"] = measure_startup(workspace, starts, warmup=not quick)
         if "cleanup" in args.sections:
-            _progress(f"cleanup: {registrations} registrations, half of them expiring")
+            progress(f"cleanup: {registrations} registrations, half of them expiring")
             out = workspace.run_python(
                 "bench.cleanup",
                 [
@@ -307,19 +277,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             results["cleanup"] = json.loads(out)
         if "gc" in args.sections:
-            _progress(f"gc: pauses of the collector at {gc_modules} registrations")
+            progress(f"gc: pauses of the collector at {gc_modules} registrations")
             results["gc"] = measure_gc(
-                workspace, gc_modules, gc_discover_s, settings.use_wrk, _progress
+                workspace, gc_modules, gc_discover_s, settings.use_wrk, progress
             )
-        if "fanout" in args.sections:
-            results["fanout"] = _fanout(workspace, quick)
-            notes.extend(f"fanout: {note}" for note in results["fanout"].get("notes", []))
-        if "liveness" in args.sections:
-            results["liveness"] = _liveness(workspace, quick)
-            notes.extend(f"liveness: {note}" for note in results["liveness"].get("notes", []))
-        if "checks" in args.sections:
-            results["checks"] = _checks(workspace, quick)
-            notes.extend(f"checks: {note}" for note in results["checks"].get("notes", []))
+        for name, timeout in (
+            ("fanout", FANOUT_TIMEOUT),
+            ("liveness", LIVENESS_TIMEOUT),
+            ("checks", CHECKS_TIMEOUT),
+        ):
+            if name in args.sections:
+                results[name] = _subprocess_section(workspace, name, quick, timeout)
+                notes.extend(f"{name}: {note}" for note in results[name].get("notes", []))
     results["meta"]["elapsed_s"] = time.monotonic() - began
     results["meta"]["loadavg_after"] = list(os.getloadavg())
     return results
@@ -328,13 +297,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """The command line."""
     args = _parse(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     results = run(args)
     table = render(results)
     results["table"] = table
     write_json(results, args.json)
     sys.stdout.write(table)
-    _progress(f"JSON written to {args.json}")
+    progress(f"JSON written to {args.json}")
 
 
 if __name__ == "__main__":

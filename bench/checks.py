@@ -69,7 +69,6 @@ import selectors
 import signal
 import socket
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from types import FrameType, TracebackType
@@ -77,6 +76,7 @@ from typing import Any, NoReturn
 
 from bench.daemon import BENCH_DIR, Server, Workspace, log_tail, start_daemon
 from bench.liveness import cpu_times
+from bench.section import progress, section_main
 from bench.stats import percentile, percentiles_ms
 
 __all__ = ["main", "render", "run"]
@@ -108,10 +108,6 @@ HUNG_SETTLE = 1.0
 #: What Twisted logs when a (noisy) client factory starts and stops.
 FACTORY_LINES = ("Starting factory", "Stopping factory")
 _PR_SET_PDEATHSIG = 1
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 class BenchTimeout(RuntimeError):
@@ -515,7 +511,7 @@ def measure_phase(run: Run, phase: str, idle: dict[str, Any] | None, settle: flo
     """Phases none, tcp and http (see the module's docstring)."""
     n = len(run.ids)
     port = run.targets.ports["http" if phase == "http" else "tcp"]
-    _progress(f"checks: {phase}: publishing {n} modules")
+    progress(f"checks: {phase}: publishing {n} modules")
     publish_all(run.conn, run.ids, port, CHECKS[phase])
     result: dict[str, Any] = {"check": CHECKS[phase]}
     if phase == "none":
@@ -524,7 +520,7 @@ def measure_phase(run: Run, phase: str, idle: dict[str, Any] | None, settle: flo
     else:
         result["ready_s"] = run.wait_status("passing", READY_TIMEOUT)
     index = change_index(run.conn, run.ids[0])
-    _progress(f"checks: {phase}: {run.window:g} s window")
+    progress(f"checks: {phase}: {run.window:g} s window")
     before = run.snapshot()
     samples: list[int] = []
     run.sample_until(before.at + run.window, samples)
@@ -552,7 +548,7 @@ def measure_phase(run: Run, phase: str, idle: dict[str, Any] | None, settle: flo
 def measure_hung(run: Run, idle: dict[str, Any]) -> dict[str, Any]:
     """The hung target (see the module's docstring)."""
     n = len(run.ids)
-    _progress(f"checks: hung: publishing {n} modules, waiting for every API to be critical")
+    progress(f"checks: hung: publishing {n} modules, waiting for every API to be critical")
     began = time.monotonic()
     publish_all(run.conn, run.ids, run.targets.ports["hung"], CHECKS["hung"])
     published = time.monotonic()
@@ -830,10 +826,6 @@ def render(results: dict[str, Any], notes: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _parse(argv: list[str] | None) -> tuple[Settings, str]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.checks",
@@ -873,20 +865,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line."""
-    settings, json_path = _parse(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        results = run(settings)
-    except RuntimeError as e:
-        print(f"bench.checks: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(render(results), flush=True)
-    if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w", encoding="utf-8") as out:
-            json.dump(results, out, indent=2)
-            out.write("\n")
-        _progress(f"wrote {json_path}")
+    section_main("checks", argv, _parse, run, render)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,9 @@ import select
 import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, NamedTuple
 
 from bench.daemon import (
@@ -81,6 +79,7 @@ from bench.daemon import (
     venv_command,
     wait_listening,
 )
+from bench.section import progress, section_main
 from bench.stats import median
 from bench.workload import PUBLISH_PATH, publish_body
 
@@ -103,10 +102,6 @@ FD_MARGIN = 256
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _ANCILLARY_SIZE = socket.CMSG_SPACE(16)
 _READ_SIZE = 256 * 1024
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 # -- parsing -----------------------------------------------------------------
@@ -863,7 +858,7 @@ class Fanout:
                 f"after {ROUND_TIMEOUT:g}s: {self.hub.reached} of {len(self.watchers)} watchers, "
                 f"{self.hub.answered} of {held} queries"
             )
-            _progress(f"  {done.module}: timed out {done.timed_out}")
+            progress(f"  {done.module}: timed out {done.timed_out}")
         after = cpu_ns(self.pid)
         if before is not None and after is not None:
             done.cpu_ms = (after - before) / 1e6
@@ -1085,20 +1080,20 @@ async def _client(settings: Settings, server: Any, port: int, log_path: str) -> 
     run = Fanout(settings, process.pid, port, alive)
     results = run.results
     try:
-        _progress("warm-up: one watcher and one blocking query")
+        progress("warm-up: one watcher and one blocking query")
         await run.warm_up()
         memory: dict[str, Any] = {"before_kib": await run.rss()}
-        _progress(f"opening {settings.watchers} watchers")
+        progress(f"opening {settings.watchers} watchers")
         began = time.perf_counter()
         await run.open_watchers()
         memory["watchers_open_s"] = time.perf_counter() - began
         memory["watchers_kib"] = await run.rss()
-        _progress(f"{settings.solo_publishes} publishes to the watchers alone")
+        progress(f"{settings.solo_publishes} publishes to the watchers alone")
         for number in range(settings.solo_publishes):
             await run.publish("solo", number)
             await asyncio.sleep(0.05)
         memory["before_queries_kib"] = await run.rss()
-        _progress(f"opening {settings.queries} blocking queries")
+        progress(f"opening {settings.queries} blocking queries")
         began = time.perf_counter()
         await run.open_queries()
         memory["queries_open_s"] = time.perf_counter() - began
@@ -1116,13 +1111,13 @@ async def _client(settings: Settings, server: Any, port: int, log_path: str) -> 
         memory["peak_kib"] = read_status_kib(process.pid, "VmHWM")
         memory["daemon_open_files_limit"] = open_files_limit(process.pid)
         results["memory"] = memory
-        _progress(f"{settings.publishes} publishes to the watchers and the held queries")
+        progress(f"{settings.publishes} publishes to the watchers and the held queries")
         for number in range(settings.publishes):
             await run.publish("both", number)
             await run.requery()
             await asyncio.sleep(0.05)
         results["lost_connections_before_stop"] = run.hub.lost
-        _progress("stopping the daemon with everything open")
+        progress("stopping the daemon with everything open")
         results["stop"] = await run.stop_daemon(process)
         totals, arrivals = run.delivery()
         results["delivery"] = totals
@@ -1309,10 +1304,6 @@ def run(settings: Settings) -> dict[str, Any]:
     return results
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _parse(argv: list[str] | None) -> tuple[Settings, str]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.fanout",
@@ -1373,20 +1364,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line."""
-    settings, json_path = _parse(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        results = run(settings)
-    except RuntimeError as e:
-        print(f"bench.fanout: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(render(results), flush=True)
-    if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w", encoding="utf-8") as out:
-            json.dump(results, out, indent=2)
-            out.write("\n")
-        _progress(f"wrote {json_path}")
+    section_main("fanout", argv, _parse, run, render)
 
 
 if __name__ == "__main__":

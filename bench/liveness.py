@@ -92,6 +92,7 @@ from bench.daemon import (
     wait_listening,
 )
 from bench.probe import Target, request
+from bench.section import progress, section_main
 from bench.stats import median, percentile
 
 __all__ = ["main", "render", "run"]
@@ -143,10 +144,6 @@ if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP
     sys.exit("seccomp: " + os.strerror(ctypes.get_errno()))
 os.execv(sys.argv[1], sys.argv[1:])
 """
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 class BenchTimeout(RuntimeError):
@@ -1068,7 +1065,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 for shape in SHAPES
                 if settings.polled_shape or not shape.polling
             ]
-            _progress(f"liveness: starting {len(wanted)} daemons")
+            progress(f"liveness: starting {len(wanted)} daemons")
             daemons = {name: launch(workspace, name, polling) for name, polling in wanted}
             try:
                 _run(daemons, settings, results, notes)
@@ -1109,12 +1106,12 @@ def _run(
 
     kill: dict[str, Any] = {}
     results["kill"] = kill
-    _progress(f"liveness: {settings.rounds} kills, pidfd")
+    progress(f"liveness: {settings.rounds} kills, pidfd")
     kill["pidfd"] = measure_kill(daemons["kill-pidfd"], settings.rounds)
     if kill["pidfd"]["pidfd_warning"]:
         notes.append("the default daemon could not open a pidfd: it polled")
     if polling:
-        _progress(f"liveness: {settings.rounds} kills, polling fallback")
+        progress(f"liveness: {settings.rounds} kills, polling fallback")
         kill["polling"] = measure_kill(daemons["kill-polling"], settings.rounds)
         if not kill["polling"]["pidfd_warning"]:
             raise RuntimeError("the daemon under the no-pidfd filter did not fall back to polling")
@@ -1126,7 +1123,7 @@ def _run(
     for shape in SHAPES:
         if shape.key not in daemons:
             continue
-        _progress(f"liveness: {settings.modules} modules, {shape.label}")
+        progress(f"liveness: {settings.modules} modules, {shape.label}")
         cell = measure_shape(daemons[shape.key], shape, settings)
         shapes[shape.key] = cell
         if shape.bound and not shape.polling and cell["pidfd_warning"]:
@@ -1256,10 +1253,6 @@ def render(results: dict[str, Any], notes: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _parse(argv: list[str] | None) -> tuple[Settings, str]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.liveness",
@@ -1304,20 +1297,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line."""
-    settings, json_path = _parse(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        results = run(settings)
-    except RuntimeError as e:
-        print(f"bench.liveness: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(render(results), flush=True)
-    if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w", encoding="utf-8") as out:
-            json.dump(results, out, indent=2)
-            out.write("\n")
-        _progress(f"wrote {json_path}")
+    section_main("liveness", argv, _parse, run, render)
 
 
 if __name__ == "__main__":

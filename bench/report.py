@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from bench import checks, fanout, liveness
 from bench.memory import IDLE_TARGET, LEVELS
 
-__all__ = ["render", "write_json"]
+__all__ = ["render"]
 
 STARTUP_TARGET = 1.2
 
@@ -378,14 +376,3 @@ def render(results: dict[str, Any]) -> str:
     for note in meta.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def write_json(results: dict[str, Any], path: str) -> None:
-    """Write C{results} to C{path} (creating its directory), atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(partial, path)
