@@ -136,6 +136,10 @@ class CheckScheduler:
         """Targets under check: waiting for their next check, queued or running."""
         return sum(len(entries) for entries in self._modules.values())
 
+    def __contains__(self, module_id: object) -> bool:
+        """Whether the module has checks scheduled."""
+        return module_id in self._modules
+
     def set_targets(self, module_id: str, targets: Iterable[Target]) -> None:
         """
         Make C{targets} the module's checks. A target equal to a current one

@@ -65,13 +65,11 @@ class HealthCheckService(Service):
         self.concurrency = concurrency
         self.probe = probe if probe is not None else network_probe(reactor, self.clock)
         self.scheduler: CheckScheduler | None = None
-        self._checked: set[str] = set()
         self._unsubscribe: Callable[[], None] | None = None
 
     def startService(self) -> None:
         super().startService()
         self.scheduler = CheckScheduler(self.clock, self.probe, self._report, self.concurrency)
-        self._checked.clear()
         for registration, _ in self.registry.registrations():
             self._follow(registration)
         self._unsubscribe = self.registry.subscribe(self._changed)
@@ -89,8 +87,7 @@ class HealthCheckService(Service):
         if change.kind in (ChangeKind.PUBLISHED, ChangeKind.UPDATED):
             self._follow(change.registration)
         elif change.kind in (ChangeKind.UNPUBLISHED, ChangeKind.EXPIRED):
-            if change.module_id in self._checked and self.scheduler is not None:
-                self._checked.discard(change.module_id)
+            if self.scheduler is not None and change.module_id in self.scheduler:
                 self.scheduler.remove(change.module_id)
 
     def _follow(self, registration: Registration) -> None:
@@ -98,12 +95,8 @@ class HealthCheckService(Service):
             return
         module_id = registration.module_id
         targets = targets_of(registration)
-        if targets:
-            self._checked.add(module_id)
+        if targets or module_id in self.scheduler:
             self.scheduler.set_targets(module_id, targets)
-        elif module_id in self._checked:
-            self._checked.discard(module_id)
-            self.scheduler.remove(module_id)
 
     def _report(self, target: Target, result: ProbeResult) -> None:
         status = PASSING if result.passing else CRITICAL
