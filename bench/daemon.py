@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,8 @@ from bench.probe import Target
 __all__ = [
     "Server",
     "Workspace",
+    "open_files_limit",
+    "raise_open_files",
     "read_status_kib",
     "start_daemon",
     "start_reference",
@@ -348,3 +351,38 @@ def start_reference(workspace: Workspace, bodies_path: str) -> Server:
         f"--bodies={bodies_path}",
     )
     return _start(workspace, "reference", argv, bench_importable=True)
+
+
+def open_files_limit(pid: int) -> int | None:
+    """The soft C{Max open files} of a process."""
+    try:
+        with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+            for line in limits:
+                if line.startswith("Max open files"):
+                    value = line.split()[3]
+                    return int(value) if value.isdigit() else None
+    except OSError:
+        pass
+    return None
+
+
+def raise_open_files(needed: int, to_hard: bool = False) -> tuple[int, int]:
+    """
+    Raise this process's soft RLIMIT_NOFILE to C{needed}, or with C{to_hard}
+    to the hard limit (children, daemons included, inherit it); the limits.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise RuntimeError(
+            f"{needed} open files are needed and the hard limit is {hard}: "
+            "raise it (ulimit -Hn) or ask for less"
+        )
+    if to_hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    elif soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed
+    else:
+        target = soft
+    if target != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -60,7 +60,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import select
 import signal
 import socket
@@ -74,6 +73,8 @@ from bench.daemon import (
     BENCH_DIR,
     Workspace,
     log_tail,
+    open_files_limit,
+    raise_open_files,
     read_status_kib,
     stop_process,
     venv_command,
@@ -628,32 +629,6 @@ def cpu_ns(pid: int) -> int | None:
             return int(stat.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def open_files_limit(pid: int) -> int | None:
-    """The soft C{Max open files} of a process."""
-    try:
-        with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
-            for line in limits:
-                if line.startswith("Max open files"):
-                    value = line.split()[3]
-                    return int(value) if value.isdigit() else None
-    except OSError:
-        pass
-    return None
-
-
-def raise_open_files(needed: int) -> tuple[int, int]:
-    """Raise this process's soft RLIMIT_NOFILE to C{needed} (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise RuntimeError(
-                f"{needed} open files are needed and the hard limit is {hard}: "
-                "raise it (ulimit -Hn) or open fewer connections"
-            )
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 # -- the run -------------------------------------------------------------------

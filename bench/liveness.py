@@ -86,6 +86,8 @@ from bench.daemon import (
     Server,
     Workspace,
     log_tail,
+    open_files_limit,
+    raise_open_files,
     read_status_kib,
     stop_process,
     venv_command,
@@ -786,33 +788,6 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return stat_ms, sched_ns / 1e6
 
 
-def open_files_limit(pid: int) -> int | None:
-    """The soft C{Max open files} of a process."""
-    try:
-        with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
-            for line in limits:
-                if line.startswith("Max open files"):
-                    value = line.split()[3]
-                    return int(value) if value.isdigit() else None
-    except OSError:
-        pass
-    return None
-
-
-def raise_open_files(needed: int) -> tuple[int, int]:
-    """Raise this process's soft RLIMIT_NOFILE to the hard one (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise RuntimeError(
-            f"{needed} open files are needed and the hard limit is {hard}: "
-            "raise it (ulimit -Hn) or use fewer modules"
-        )
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
-    if soft != target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
 # -- the measurements ----------------------------------------------------------
 
 
@@ -1021,7 +996,7 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 def run(settings: Settings) -> dict[str, Any]:
     """Start the daemons, measure, stop everything; the results."""
     needed = 2 * settings.modules + FD_MARGIN
-    soft, hard = raise_open_files(needed)
+    soft, hard = raise_open_files(needed, to_hard=True)
     results: dict[str, Any] = {
         "meta": {
             "started": datetime.datetime.now(datetime.timezone.utc).strftime(
