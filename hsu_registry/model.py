@@ -208,6 +208,15 @@ class Registration:
         )
 
     @property
+    def has_checks(self) -> bool:
+        """
+        Whether any API has a health check, without decoding the APIs:
+        C{"check":{} can only be the key of an API's check object (metadata
+        values are strings, and a quote inside one is escaped).
+        """
+        return b'"check":{' in self.discover_body
+
+    @property
     def apis(self) -> tuple[ModuleAPI, ...]:
         """The APIs, decoded from the discover answer at each access."""
         return tuple(ModuleAPI.from_json(raw) for raw in json.loads(self.discover_body)["apis"])

@@ -307,7 +307,7 @@ class Registry:
                 registration = record.registration
                 if registration.module_id in self._modules:
                     continue
-                if has_checks(registration):
+                if registration.has_checks:
                     # Statuses are measured, not stored: unknown until checked.
                     registration = _with_apis(
                         registration, tuple(_unchecked(api) for api in registration.apis)
@@ -789,15 +789,6 @@ class Registry:
         batch = {m: self._last_seen[m] for m in self._touched}
         self._touched.clear()  # the same set: it may be frozen (see gctune)
         return self._store.touch(batch)
-
-
-def has_checks(registration: Registration) -> bool:
-    """
-    Whether any API of C{registration} has a health check, without decoding
-    it: C{"check":{} can only be the key of an API's check object (metadata
-    values are strings, and a quote inside one is escaped).
-    """
-    return b'"check":{' in registration.discover_body
 
 
 def _unchecked(api: ModuleAPI) -> ModuleAPI:

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from hsu_registry.checks.probes import ProbeResult
 from hsu_registry.checks.scheduler import CheckScheduler, Probe, Target, network_probe
 from hsu_registry.model import CRITICAL, PASSING, CheckTarget, Registration
-from hsu_registry.registry import Change, ChangeKind, Registry, has_checks
+from hsu_registry.registry import Change, ChangeKind, Registry
 
 __all__ = ["HealthCheckService", "targets_of"]
 
@@ -27,7 +27,7 @@ def targets_of(registration: Registration) -> list[Target]:
     The check targets of C{registration}'s APIs that have a check, at their
     address or, without one, the registry's host.
     """
-    if not has_checks(registration):
+    if not registration.has_checks:
         return []
     targets = []
     for index, api in enumerate(registration.apis):

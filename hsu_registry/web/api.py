@@ -31,7 +31,6 @@ from hsu_registry.model import (
     parse_publish_body,
 )
 from hsu_registry.processes.peers import peer_pid
-from hsu_registry.registry import has_checks
 from hsu_registry.watch import ChangeLog
 from hsu_registry.web.catalog import module_entry
 from hsu_registry.web.responses import SUCCESS, error_response, json_response
@@ -83,8 +82,7 @@ class RegistryAPI:
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
     def discover(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
         args = request.args or {}
-        # Parsed before any wait: a bad value is answered at once.
-        passing = b"passing" in args and _parse_passing(args[b"passing"])
+        passing = _parse_passing(args.get(b"passing"))  # before any wait: a 400 at once
         if b"wait" in args or b"index" in args:
             return self._blocking(
                 request, lambda: self._discover(request, moduleID, passing), moduleID
@@ -95,7 +93,7 @@ class RegistryAPI:
         registration = self.registry.discover(module_id)
         self._index_headers(request)
         body = registration.discover_body
-        if passing and has_checks(registration):
+        if passing and registration.has_checks:
             apis = [api.to_json() for api in registration.apis if api.passing]
             body = encode_json({"moduleID": module_id, "apis": apis})
         return json_response(request, body)
@@ -148,8 +146,7 @@ class RegistryAPI:
 
     @app.route("/api/v1/services/<serviceID>", methods=["GET"])
     def service(self, request: IRequest, serviceID: str) -> bytes | Deferred[bytes]:
-        args = request.args or {}
-        passing = b"passing" in args and _parse_passing(args[b"passing"])
+        passing = _parse_passing((request.args or {}).get(b"passing"))
         return self._maybe_blocking(request, lambda: self._service(request, serviceID, passing))
 
     def _service(self, request: IRequest, service_id: str, passing: bool) -> bytes:
@@ -309,8 +306,13 @@ def _peer_of_request(request: IRequest) -> int | None:
     return peer_pid(getattr(request, "transport", None))
 
 
-def _parse_passing(values: list[bytes]) -> bool:
-    """C{?passing=true} (or C{1}, or empty): only passing APIs; C{false} or C{0}: all."""
+def _parse_passing(values: list[bytes] | None) -> bool:
+    """
+    C{?passing=true} (or C{1}, or empty): only passing APIs; C{false}, C{0}
+    or no C{passing} at all: every API.
+    """
+    if not values:
+        return False
     if len(values) > 1:
         raise InvalidRequest("passing is given more than once")
     value = values[0].lower()
