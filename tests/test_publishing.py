@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -191,6 +191,40 @@ class PublishingServiceTests(SynchronousTestCase):
         self.assertIn("protocol is too long", errors[0]["error"])
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
+    def test_when_registered(self) -> None:
+        """
+        C{when_registered} waits through retries for the first acknowledged
+        publish, and answers at once once registered.
+        """
+        self.registry.down = True
+        self.service.startService()
+        waiting = self.service.when_registered()
+        self.clock.pump([1] * 5)
+        self.assertNoResult(waiting)
+        self.registry.down = False
+        self.clock.pump([1] * 40)
+        self.assertIsNone(self.successResultOf(waiting))
+        self.assertIsNone(self.successResultOf(self.service.when_registered()))
+
+    def test_when_registered_fails_on_stop(self) -> None:
+        """A wait still pending when the service stops fails with CancelledError."""
+        self.registry.down = True
+        self.service.startService()
+        waiting = self.service.when_registered()
+        self.successResultOf(self.service.stopService())
+        self.failureResultOf(waiting, CancelledError)
+
+    def test_when_registered_cancelled(self) -> None:
+        """Cancelling a wait ends only the wait: the service goes on and registers."""
+        self.registry.down = True
+        self.service.startService()
+        waiting = self.service.when_registered()
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.registry.down = False
+        self.clock.pump([1] * 40)
+        self.assertEqual(self.service.state, "registered")
+
     def test_stop_unpublishes_with_process_id(self) -> None:
         """Stopping unpublishes every module with its process ID and cancels the heartbeat."""
         self.service.startService()
@@ -246,6 +280,10 @@ class RealRegistryTests(TestCase):
         self.addCleanup(client.close)
         service = PublishingService(client, [ECHO], heartbeat_interval=30)
         service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        # The publish and the lookup travel on separate connections: the
+        # lookup must wait for the acknowledged publish, not race it.
+        await service.when_registered()
         apis = await client.find_module_apis("echo")
         self.assertEqual(apis, list(ECHO.apis))
         await service.stopService()

@@ -86,6 +86,7 @@ class PublishingService(Service):
         self.failures = 0
         self._next: IDelayedCall | None = None
         self._inflight: Deferred[None] | None = None
+        self._waiting: list[Deferred[None]] = []
 
     @property
     def clock(self) -> IReactorTime:
@@ -99,6 +100,25 @@ class PublishingService(Service):
     @property
     def module_ids(self) -> list[str]:
         return [remote.module_id for remote in self.remote_apis]
+
+    def when_registered(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires once the registry has acknowledged the
+        registration (at once if it already has), so a module can wait to be
+        discoverable before announcing itself ready; it fails with
+        L{CancelledError} if the service stops first, and cancelling it
+        stops only the wait.
+        """
+        if self.state == "registered":
+            return succeed(None)
+
+        def forget(d: Deferred[None]) -> None:
+            if d in self._waiting:
+                self._waiting.remove(d)
+
+        d: Deferred[None] = Deferred(forget)
+        self._waiting.append(d)
+        return d
 
     # -- life cycle --------------------------------------------------------
 
@@ -116,6 +136,9 @@ class PublishingService(Service):
         if self._inflight is not None:
             self._inflight.cancel()
         self.state = "stopped"
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(CancelledError("the publishing service stopped"))
         if not self.remote_apis:
             return succeed(None)
         calls = [self.client.unpublish(module_id, self.process_id) for module_id in self.module_ids]
@@ -225,6 +248,9 @@ class PublishingService(Service):
         self.state = "registered"
         self.failures = 0
         self._schedule(self.heartbeat_interval, self._beat)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     def retry_delay(self, failures: int) -> float:
         """The delay before retry number C{failures}: capped doubling, halved by jitter at most."""
