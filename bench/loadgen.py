@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import socket
 import sys
 import time
@@ -111,6 +112,7 @@ class _Load:
         self.max_lag = 0.0  # any request, warm-up included
         self.behind: set[int] = set()  # connections once more than BEHIND_LIMIT_S late
         self.last_measured_completion = 0.0
+        self.started = 0.0
 
     def _build(self, module_id: bytes, connection: int) -> bytes:
         path = self.path.replace(PLACEHOLDER, module_id)
@@ -154,19 +156,32 @@ class _Load:
             self.latencies.append(now - sent)
             self.window_statuses[status] += 1
 
-    def first_due(self, connection: int, started: float) -> float:
-        """Open loop: when connection number C{connection} sends its first request."""
-        return started + self.interval * connection / self.spec.connections
+    def due(self, connection: int, step: int) -> float:
+        """
+        Open loop: when request number C{step} of connection C{connection}
+        falls due: the connections' schedules are staggered evenly over one
+        interval.  Computed from the step, never by adding intervals up, so
+        float rounding (which grows with the clock's value) cannot move a
+        request across the window's edge.
+        """
+        return self.started + self.interval * (step + connection / self.spec.connections)
 
-    def scheduled_in_window(self, started: float) -> int:
-        """Open loop: how many requests are due in the measured window (as L{_Connection} steps)."""
+    def steps(self, connection: int) -> tuple[int, int]:
+        """Open loop: the steps of C{connection} due in the measured window, as C{range} bounds."""
+        phase = connection / self.spec.connections
+
+        def steps_before(offset: float) -> int:
+            return max(0, math.ceil(offset / self.interval - phase - 1e-9))
+
+        warmup, duration = self.spec.warmup, self.spec.duration
+        return steps_before(warmup), steps_before(warmup + duration)
+
+    def scheduled_in_window(self) -> int:
+        """Open loop: how many requests are due in the measured window."""
         total = 0
         for connection in range(self.spec.connections):
-            due = self.first_due(connection, started)
-            while due < self.measure_end:
-                if due >= self.measure_start:
-                    total += 1
-                due += self.interval
+            first, end = self.steps(connection)
+            total += end - first
         return total
 
     def sent_late(self, connection: int, lag: float) -> None:
@@ -176,11 +191,13 @@ class _Load:
         if lag > BEHIND_LIMIT_S:
             self.behind.add(connection)
 
-    def completed_open(self, status: int, due: float, sent: float, now: float, timer: bool) -> None:
+    def completed_open(
+        self, status: int, due: float, measured: bool, sent: float, now: float, timer: bool
+    ) -> None:
         """Open loop: an answer to the request due at C{due}, sent at C{sent}."""
         self.statuses[status] += 1
         self.last_completion = now
-        if self.measure_start <= due < self.measure_end:
+        if measured:
             self.latencies.append(now - due)
             self.from_send.append(now - sent)
             self.send_lags.append(sent - due)
@@ -212,9 +229,13 @@ class _Connection(asyncio.Protocol):
         self.sent = 0.0
         self.busy = False
         self.done = False
-        # Open loop: when the next request is due, when the one in flight was,
-        # whether it waited for its time (the connection was idle) and the timer.
+        # Open loop: the next request's step and when it is due, the steps
+        # measured, the one in flight and when it was due, whether it waited
+        # for its time (the connection was idle) and the timer.
+        self.step = 0
         self.due = 0.0
+        self.measured = (0, 0)
+        self.in_flight_step = 0
         self.in_flight_due = 0.0
         self.timed = False
         self.timer: asyncio.TimerHandle | None = None
@@ -233,9 +254,10 @@ class _Connection(asyncio.Protocol):
         self.sent = time.perf_counter()
         self.transport.write(request)
 
-    def start_schedule(self, started: float) -> None:
+    def start_schedule(self) -> None:
         """Open loop: start sending on this connection's schedule."""
-        self.due = self.load.first_due(self.number, started)
+        self.measured = self.load.steps(self.number)
+        self.step = 0
         self._arm()
 
     def _arm(self) -> None:
@@ -243,10 +265,11 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         if self.done:
             return
-        if self.due >= self.load.measure_end:
+        if self.step >= self.measured[1]:
             self.done = True
             self.load.went_idle()
             return
+        self.due = self.load.due(self.number, self.step)
         delay = self.due - time.perf_counter()
         if delay > 0:
             self.timer = asyncio.get_running_loop().call_later(delay, self._fire, True)
@@ -261,9 +284,10 @@ class _Connection(asyncio.Protocol):
         self.busy = True
         self.timed = timed
         self.in_flight_due = self.due
+        self.in_flight_step = self.step
         self.sent = time.perf_counter()
         self.load.sent_late(self.number, self.sent - self.due)
-        self.due += self.load.interval
+        self.step += 1
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
@@ -292,7 +316,11 @@ class _Connection(asyncio.Protocol):
         buffer.clear()
         self.need = -1
         if self.load.interval:
-            self.load.completed_open(self.status, self.in_flight_due, self.sent, now, self.timed)
+            first, end = self.measured
+            measured = first <= self.in_flight_step < end
+            self.load.completed_open(
+                self.status, self.in_flight_due, measured, self.sent, now, self.timed
+            )
             self._arm()
         else:
             self.load.completed(self.status, self.sent, now)
@@ -359,7 +387,7 @@ async def _run(spec: LoadSpec) -> dict[str, Any]:
         return protocol
 
     connections = [await connect(number) for number in range(spec.connections)]
-    started = time.perf_counter()
+    started = load.started = time.perf_counter()
     scheduled = 0
     if spec.count is None:
         load.measure_start = started + spec.warmup
@@ -369,9 +397,9 @@ async def _run(spec: LoadSpec) -> dict[str, Any]:
         load.measure_start = started
         limit = spec.timeout
     if load.interval:
-        scheduled = load.scheduled_in_window(started)
+        scheduled = load.scheduled_in_window()
         for connection in connections:
-            connection.start_schedule(started)
+            connection.start_schedule()
     else:
         for connection in connections:
             connection.send_next()

@@ -19,9 +19,11 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from bench.loadgen import LoadSpec, _Load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HSU_REGISTRY = os.path.join(os.path.dirname(sys.executable), "hsu-registry")
@@ -504,6 +506,31 @@ class _Slow(Resource):
             reactor.callLater(self.hold, answer)
             return NOT_DONE_YET
         return b"ok"
+
+
+class ScheduleTests(SynchronousTestCase):
+    """The open-loop schedule is counted in whole steps, whatever the clock reads."""
+
+    def test_steps_independent_of_clock(self) -> None:
+        """
+        Two connections at 10/s for 2 s have 20 steps each in the window, for
+        clock readings where adding 0.1 s up twenty times would round the
+        twenty-first just inside it (a run once sent 41 on a machine up for
+        4.5 hours); each step falls due at its exact offset.
+        """
+        spec = LoadSpec(connections=2, rate=10, warmup=0, duration=2)
+        for started in (0.0, 1500.0, 16500.0, 50000.0, 300000.0):
+            load = _Load(spec)
+            load.started = started
+            self.assertEqual(load.steps(0), (0, 20))
+            self.assertEqual(load.steps(1), (0, 20))
+            self.assertEqual(load.scheduled_in_window(), 40)
+            self.assertAlmostEqual(load.due(1, 19) - started, 1.95, places=6)
+
+    def test_warmup_steps_not_measured(self) -> None:
+        """With a 1 s warm-up at 4/s, the first four steps are not measured."""
+        load = _Load(LoadSpec(connections=1, rate=4, warmup=1, duration=1))
+        self.assertEqual(load.steps(0), (4, 8))
 
 
 class OpenLoopTests(TestCase):
