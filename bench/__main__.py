@@ -54,15 +54,15 @@ SECTIONS = (
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 #: The store section's paced part in a quick run: one total rate (req/s).
 QUICK_PACED_RATE = 200.0
-#: Bounds on the fanout section's subprocess (bench.fanout bounds itself at 18 s
+#: Bounds on the fanout section's subprocess (bench.fanout bounds itself at 60 s
 #: with --quick, 300 s without; this is the margin beyond).
-FANOUT_TIMEOUT = {True: 60.0, False: 360.0}
+FANOUT_TIMEOUT = {True: 90.0, False: 360.0}
 #: Bounds on the liveness section's subprocess (bench.liveness bounds itself at
-#: 60 s with --quick, 480 s without; this is the margin beyond).
-LIVENESS_TIMEOUT = {True: 90.0, False: 540.0}
+#: 120 s with --quick, 480 s without; this is the margin beyond).
+LIVENESS_TIMEOUT = {True: 150.0, False: 540.0}
 #: Bounds on the checks section's subprocess (bench.checks bounds itself at
-#: 50 s with --quick, 240 s without; this is the margin beyond).
-CHECKS_TIMEOUT = {True: 80.0, False: 300.0}
+#: 120 s with --quick, 240 s without; this is the margin beyond).
+CHECKS_TIMEOUT = {True: 150.0, False: 300.0}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -855,7 +855,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         discovers=1000 if quick else 2000,
         discover_budget=5.0 if quick else 20.0,
         settle=0.3 if quick else 1.0,
-        timeout=args.timeout if args.timeout is not None else (50.0 if quick else 240.0),
+        timeout=args.timeout if args.timeout is not None else (120.0 if quick else 240.0),
         quick=quick,
     )
     if settings.modules < 1 or settings.window <= 0:

@@ -1329,7 +1329,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         publishes=pick(args.publishes, 20, 3),
         solo_publishes=pick(args.solo_publishes, 5, 2),
         settle=0.3 if quick else 1.0,
-        timeout=args.timeout if args.timeout is not None else (18.0 if quick else 300.0),
+        timeout=args.timeout if args.timeout is not None else (60.0 if quick else 300.0),
         read_during=args.read_during_fanout,
     )
     if settings.watchers < 1:

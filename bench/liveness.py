@@ -1262,7 +1262,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         settle=0.3 if quick else 1.0,
         polling=not args.no_polling,
         polled_shape=not args.no_polling and not quick,
-        timeout=args.timeout if args.timeout is not None else (60.0 if quick else 480.0),
+        timeout=args.timeout if args.timeout is not None else (120.0 if quick else 480.0),
         quick=quick,
     )
     if settings.rounds < 1 or settings.modules < 1 or settings.idle < 0:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
 
 from hsu_registry.model import ModuleAPI, PublishRequest
 
@@ -12,6 +15,21 @@ SEED_PUBLISH = {
     "processID": 1234,
     "apis": [{"serviceIDs": ["service1"], "serverPort": 50051, "protocol": "grpc"}],
 }
+
+
+def refusing_port(case: SynchronousTestCase, port: int = 0) -> int:
+    """
+    A loopback TCP port that refuses connections until the test ends: bound
+    but not listening, so that neither another process nor the kernel (as a
+    connection's source port) can take it meanwhile, as they could a port
+    merely closed.  C{port}: hold this one (a listener just stopped).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    case.addCleanup(sock.close)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    number: int = sock.getsockname()[1]
+    return number
 
 
 def api(*service_ids: str, port: int = 50051, protocol: str = "grpc") -> ModuleAPI:

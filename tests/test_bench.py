@@ -28,7 +28,7 @@ from bench.loadgen import LoadSpec, _Load
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HSU_REGISTRY = os.path.join(os.path.dirname(sys.executable), "hsu-registry")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-BENCH_TIMEOUT = 180.0
+BENCH_TIMEOUT = 600.0
 
 OPERATIONS = ("discover", "publish", "publish_new", "health")
 TRANSPORTS = ("tcp", "unix")
@@ -460,7 +460,14 @@ class QuickBenchmarkTests(TestCase):
                 set(cell["statuses_after"]), {"passing", "critical", "unknown"}, where
             )
             self.assertEqual(cell["passing_after"], cell["statuses_after"].get("passing", 0))
-        self.assertGreaterEqual(checks["http"]["http_accepted"], checks["http"]["checks"])
+        # Every answered check was a connection the target accepted; the two
+        # counters are sampled at once, so connections accepted before the
+        # window and answered in it (at most one per check in flight) count
+        # only as answered.
+        self.assertGreaterEqual(
+            checks["http"]["http_accepted"] + CHECKS_QUICK["check_concurrency"],
+            checks["http"]["checks"],
+        )
 
         hung = checks["hung"]
         self.assertEqual(hung["critical"], modules, "every hung API ends critical")

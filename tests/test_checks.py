@@ -35,6 +35,8 @@ from hsu_registry.checks.spec import (
 )
 from hsu_registry.errors import InvalidRequest
 
+from .helpers import refusing_port
+
 WHERE = "apis[0].check"
 
 # -- the check object ---------------------------------------------------------
@@ -355,6 +357,7 @@ class ProbeTests(TestCase):
         self.assertTrue((await tcp_probe(reactor, "127.0.0.1", number, 5.0)).passing)
         await watching.closed()
         await port.stopListening()
+        refusing_port(self, number)
         result = await tcp_probe(reactor, "127.0.0.1", number, 5.0, task.Clock())
         self.assertEqual(result, ProbeResult(False, "connection refused"))
 
@@ -381,10 +384,7 @@ class ProbeTests(TestCase):
 
     async def test_httpRefused(self) -> None:
         """Nothing listening is critical, "connection refused"."""
-        _, port = self.listen(Factory.forProtocol(Protocol))
-        number = port.getHost().port
-        await port.stopListening()
-        result = await http_probe(reactor, "127.0.0.1", number, "/", 5.0, task.Clock())
+        result = await http_probe(reactor, "127.0.0.1", refusing_port(self), "/", 5.0, task.Clock())
         self.assertEqual(result, ProbeResult(False, "connection refused"))
 
     async def test_httpClosedWithoutAnswer(self) -> None:

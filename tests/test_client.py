@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -34,6 +34,8 @@ from hsu_registry.client import (
 from hsu_registry.config import RegistryConfig
 from hsu_registry.service import makeService
 
+from .helpers import refusing_port
+
 ECHO = RemoteAPI(
     "echo",
     [
@@ -50,14 +52,6 @@ def _short_tempdir(case: SynchronousTestCase) -> str:
     return directory
 
 
-def _closed_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port: int = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 class RegistryServerMixin:
     """Starts a real registry on TCP and on a unix socket for each test."""
 
@@ -70,6 +64,9 @@ class RegistryServerMixin:
             ),
             reactor,
         )
+        # The tests set statuses themselves: the daemon's own checks of the
+        # (closed) ports they publish would race them, so they never fire.
+        self.service.checks.clock = Clock()
         self.service.startService()
         case.addCleanup(self.service.stopService)
         port = self.service.listeners[0].port
@@ -215,7 +212,7 @@ class AsyncClientTests(RegistryServerMixin, TestCase):
     async def test_refused(self) -> None:
         """A closed port fails with RegistryUnavailable."""
         with self.assertRaises(RegistryUnavailable) as caught:
-            await self.client(f"tcp://127.0.0.1:{_closed_port()}").health()
+            await self.client(f"tcp://127.0.0.1:{refusing_port(self)}").health()
         self.assertIn("unavailable", str(caught.exception))
 
     async def test_missing_socket(self) -> None:
@@ -329,7 +326,7 @@ class BlockingClientTests(RegistryServerMixin, TestCase):
 
     async def test_refused(self) -> None:
         """A closed port raises RegistryUnavailable."""
-        client = BlockingRegistryClient(f"tcp://127.0.0.1:{_closed_port()}")
+        client = BlockingRegistryClient(f"tcp://127.0.0.1:{refusing_port(self)}")
         error = await self.in_thread(_error_of, client.health)
         self.assertIsInstance(error, RegistryUnavailable)
         self.assertIn("connection refused", str(error))

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
@@ -36,6 +37,8 @@ from hsu_registry.ctl import (
 )
 from hsu_registry.model import parse_publish_body
 from hsu_registry.service import makeService
+
+from .helpers import refusing_port
 
 CTL_SCRIPT = os.path.join(os.path.dirname(sys.executable), "hsu-registry-ctl")
 
@@ -81,17 +84,6 @@ class _Result:
         return f"<exit {self.code} stdout={self.out!r} stderr={self.err!r}>"
 
 
-def _free_port() -> int:
-    """A TCP port nobody listens on (bound, then closed)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-    finally:
-        sock.close()
-
-
 class CtlTests(TestCase):
     """The command against a registry listening on TCP and a unix socket."""
 
@@ -103,6 +95,9 @@ class CtlTests(TestCase):
             RegistryConfig(endpoints=("tcp:0:interface=127.0.0.1", f"unix:{self.socket_path}")),
             reactor,
         )
+        # The tests set statuses themselves: the daemon's own checks of the
+        # (closed) ports they publish would race them, so they never fire.
+        service.checks.clock = Clock()
         service.startService()
         self.addCleanup(service.stopService)
         self.service = service
@@ -189,7 +184,7 @@ class CtlTests(TestCase):
 
     async def test_option_after_command_wins(self) -> None:
         """An option given after the subcommand overrides the same option before it."""
-        dead = f"tcp://127.0.0.1:{_free_port()}"
+        dead = f"tcp://127.0.0.1:{refusing_port(self)}"
         out = await self.ok("--url", dead, "health", "--url", self.tcp_url)
         self.assertIn("Status:", out)
 
@@ -301,7 +296,7 @@ class CtlTests(TestCase):
 
     async def test_url_option_beats_environment(self) -> None:
         """--url wins over $HSU_REGISTRY_URL."""
-        dead = f"tcp://127.0.0.1:{_free_port()}"
+        dead = f"tcp://127.0.0.1:{refusing_port(self)}"
         out = await self.ok(
             "--url", self.tcp_url, "--json", "health", environ={"HSU_REGISTRY_URL": dead}
         )
@@ -364,7 +359,7 @@ class CtlTests(TestCase):
 
     async def test_closed_port(self) -> None:
         """A TCP port nobody listens on exits 3."""
-        url = f"tcp://127.0.0.1:{_free_port()}"
+        url = f"tcp://127.0.0.1:{refusing_port(self)}"
         line = await self.fails(EXIT_UNAVAILABLE, "--url", url, "health")
         self.assertIn(f"registry at {url} is unavailable", line)
 

@@ -882,10 +882,15 @@ class HealthCheckE2ETests(E2ETestCase):
             answer = await self.request(client, "GET", f"{base}/modules/web?index={index}&wait=10s")
             return answer.json()["apis"][0]["status"], answer.header("x-hsu-index")
 
+        # The first checks may time out on a starved machine (the service
+        # answers from this process): wait, through such critical results,
+        # for passing; a check that never passes fails after ten changes.
         status: str = "unknown"
         index: str | None = "1"
-        while status == "unknown":
+        for _ in range(10):
             status, index = await next_status(index)
+            if status == "passing":
+                break
         self.assertEqual(status, "passing")
         answer = await self.request(client, "GET", f"{base}/discover/web?passing=true")
         self.assertEqual(len(answer.json()["apis"]), 1)
