@@ -6,7 +6,10 @@ number of requests is done), recording the latency of every request.
 Closed loop (the default): each connection sends its next request as soon as
 the previous answer has been read.  Latency is then bounded below by
 connections / throughput (Little's law): it says how the server copes with
-being hammered, not how long a request waits at a given load.
+being hammered, not how long a request waits at a given load.  The answers
+read within the window are measured; a window in which no answer at all
+came (a stall longer than it) is stretched to the first answer, and
+C{window_s} says so.
 
 Open loop (C{--rate R}, requests per second per connection): each connection
 sends on a fixed schedule, one request every 1/R seconds, the connections'
@@ -152,6 +155,11 @@ class _Load:
     def completed(self, status: int, sent: float, now: float) -> None:
         self.statuses[status] += 1
         self.last_completion = now
+        if now > self.measure_end and not self.latencies:
+            # Not one answer in the window (a stall longer than it, on a
+            # starved machine): stretch it to the first answer, so the run
+            # reports a low rate over a longer window rather than no figure.
+            self.measure_end = now
         if self.measure_start <= now <= self.measure_end:
             self.latencies.append(now - sent)
             self.window_statuses[status] += 1
@@ -422,7 +430,7 @@ async def _run(spec: LoadSpec) -> dict[str, Any]:
         # server falls behind, the rate achieved is over the longer time.
         window = max(spec.duration, load.last_measured_completion - load.measure_start)
     else:
-        window = spec.duration
+        window = load.measure_end - load.measure_start
     result: dict[str, Any] = {
         "generator": "python",
         "connections": spec.connections,

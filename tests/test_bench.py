@@ -540,6 +540,65 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(load.steps(0), (4, 8))
 
 
+class _Held(Resource):
+    """Answers every request with C{ok} after C{hold} seconds."""
+
+    isLeaf = True
+
+    def __init__(self, hold: float) -> None:
+        super().__init__()
+        self.hold = hold
+
+    def render_GET(self, request: Request) -> Any:
+        request.setHeader(b"content-length", b"2")
+
+        def answer() -> None:
+            request.write(b"ok")
+            request.finish()
+
+        reactor.callLater(self.hold, answer)
+        return NOT_DONE_YET
+
+
+class ClosedLoopTests(TestCase):
+    """C{python -m bench.loadgen} without a rate: requests back to back."""
+
+    timeout = 60
+
+    async def test_stall_longer_than_the_window(self) -> None:
+        """
+        When no answer comes within the measured window (a stall on a starved
+        machine), the window stretches to the first answer: one request
+        measured over the longer window, not an empty result.
+        """
+        hold = 0.4
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(_Held(hold)))
+        self.addCleanup(port.stopListening)
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--tcp",
+            f"127.0.0.1:{port.getHost().port}",
+            "--path=/x",
+            "--connections=1",
+            "--warmup=0",
+            "--duration=0.1",
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        protocol = _Collect()
+        reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=REPO)
+        ended = protocol.ended
+        ended.addTimeout(45, reactor)
+        out, err, code = await ended
+        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+        result = json.loads(out)
+        self.assertEqual(result["requests"], 1)
+        self.assertEqual(result["statuses"], {"200": 1})
+        self.assertGreaterEqual(result["window_s"], hold - 0.05)
+        self.assertAlmostEqual(result["rps"], 1 / result["window_s"])
+
+
 class OpenLoopTests(TestCase):
     """C{python -m bench.loadgen --rate}: requests on a schedule, latency from it."""
 
