@@ -17,10 +17,11 @@ SEED_PUBLISH = {
 }
 
 
-def refusing_port(case: SynchronousTestCase, port: int = 0) -> int:
+def held_port(case: SynchronousTestCase, port: int = 0) -> socket.socket:
     """
-    A loopback TCP port that refuses connections until the test ends: bound
-    but not listening, so that neither another process nor the kernel (as a
+    A socket bound to a loopback TCP port but not listening, closed when the
+    test ends (or earlier, to listen there again): connections to the port
+    are refused, and neither another process nor the kernel (as a
     connection's source port) can take it meanwhile, as they could a port
     merely closed.  C{port}: hold this one (a listener just stopped).
     """
@@ -28,7 +29,12 @@ def refusing_port(case: SynchronousTestCase, port: int = 0) -> int:
     case.addCleanup(sock.close)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
-    number: int = sock.getsockname()[1]
+    return sock
+
+
+def refusing_port(case: SynchronousTestCase, port: int = 0) -> int:
+    """A loopback TCP port that refuses connections until the test ends (see L{held_port})."""
+    number: int = held_port(case, port).getsockname()[1]
     return number
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, fail, succeed
@@ -197,6 +197,7 @@ class CheckSpecJSONTests(SynchronousTestCase):
             self.assertEqual(parse_check(spec.to_json(), WHERE), spec)
             self.assertEqual(CheckSpec.from_json(spec.to_json()), spec)
 
+    @settings(deadline=None)
     @given(
         st.integers(int(MIN_INTERVAL * 1e9), int(MAX_INTERVAL * 1e9)),
         st.integers(int(MIN_TIMEOUT * 1e9), int(MAX_TIMEOUT * 1e9)),

@@ -32,6 +32,8 @@ from hsu_registry.watch import ChangeLog
 from hsu_registry.web.api import RegistryAPI
 from hsu_registry.web.watch import encode_change
 
+from .helpers import held_port
+
 BASE = "http://registry.invalid/api/v1"
 TCP_CHECK = {"tcp": True, "interval": "10s", "timeout": "1s"}
 HTTP_CHECK = {"http": "/healthz", "interval": "10s", "timeout": "1s"}
@@ -470,9 +472,11 @@ class RealTargetTests(TestCase):
         self.assertEqual(self.status(await changed), (PASSING, "m"))
         number = port.getHost().port
         await port.stopListening()
+        held = held_port(self, number)
         changed = self.next_status()
         self.clock.advance(10)
         self.assertEqual(self.status(await changed), (CRITICAL, "m"))
+        held.close()
         # Back up on the same port: passing again (unless another process
         # took the port meanwhile: then there is nothing more to see here).
         try:
