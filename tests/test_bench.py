@@ -540,6 +540,29 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(load.steps(0), (4, 8))
 
 
+async def run_loadgen(case: TestCase, site: Site, *args: str) -> dict[str, Any]:
+    """C{python -m bench.loadgen ARGS} against C{site} on a loopback port: its JSON result."""
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    case.addCleanup(port.stopListening)
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--tcp",
+        f"127.0.0.1:{port.getHost().port}",
+        *args,
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    protocol = _Collect()
+    reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=REPO)
+    ended = protocol.ended
+    ended.addTimeout(45, reactor)
+    out, err, code = await ended
+    case.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
 class _Held(Resource):
     """Answers every request with C{ok} after C{hold} seconds."""
 
@@ -572,27 +595,14 @@ class ClosedLoopTests(TestCase):
         measured over the longer window, not an empty result.
         """
         hold = 0.4
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(_Held(hold)))
-        self.addCleanup(port.stopListening)
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.loadgen",
-            "--tcp",
-            f"127.0.0.1:{port.getHost().port}",
+        result = await run_loadgen(
+            self,
+            Site(_Held(hold)),
             "--path=/x",
             "--connections=1",
             "--warmup=0",
             "--duration=0.1",
-        ]
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        protocol = _Collect()
-        reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=REPO)
-        ended = protocol.ended
-        ended.addTimeout(45, reactor)
-        out, err, code = await ended
-        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
-        result = json.loads(out)
+        )
         self.assertEqual(result["requests"], 1)
         self.assertEqual(result["statuses"], {"200": 1})
         self.assertGreaterEqual(result["window_s"], hold - 0.05)
@@ -616,29 +626,16 @@ class OpenLoopTests(TestCase):
         """
         hold = 1.2
         resource = _Slow(hold)
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
-        self.addCleanup(port.stopListening)
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.loadgen",
-            "--tcp",
-            f"127.0.0.1:{port.getHost().port}",
+        result = await run_loadgen(
+            self,
+            Site(resource),
             "--path=/{CONN}/{ID}",
             "--id-prefix=x",
             "--connections=2",
             "--rate=10",
             "--warmup=0",
             "--duration=2",
-        ]
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        protocol = _Collect()
-        reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=REPO)
-        ended = protocol.ended
-        ended.addTimeout(45, reactor)
-        out, err, code = await ended
-        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-3000:])
-        result = json.loads(out)
+        )
 
         self.assertEqual(result["mode"], "open")
         self.assertEqual(result["scheduled"], 40)
