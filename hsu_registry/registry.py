@@ -696,6 +696,7 @@ class Registry:
         at a time: between batches the reactor serves requests, so expiring
         tens of thousands of modules at once never stalls it.
         """
+        self._see_bound()
         changes: list[Change] = []
         done: Deferred[list[Change]] = Deferred()
 
@@ -774,16 +775,22 @@ class Registry:
             )
         return changes
 
-    def flush_heartbeats(self) -> Deferred[None]:
-        """Hand the heartbeats recorded since the last flush to the store in one batch."""
+    def _see_bound(self) -> None:
+        """
+        Record every bound module as seen now (it is alive while its process
+        is), for the next flush to store: a registry restarted from a durable
+        store then does not find it stale before its owner's next heartbeat
+        binds it again.  Once per cleanup pass: well inside C{stale_after},
+        without rewriting every bound row at every flush.
+        """
         if self._bound:
-            # A bound module is alive while its process is: record it as seen,
-            # so a registry restarted from a durable store does not find it
-            # stale before its owner's next heartbeat binds it again.
             now = self._clock.seconds()
             for module_id in self._bound:
                 self._last_seen[module_id] = now
             self._touched.update(self._bound)
+
+    def flush_heartbeats(self) -> Deferred[None]:
+        """Hand the heartbeats recorded since the last flush to the store in one batch."""
         if not self._touched:
             return succeed(None)
         batch = {m: self._last_seen[m] for m in self._touched}

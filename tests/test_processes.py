@@ -504,16 +504,28 @@ class BindingTests(SynchronousTestCase):
         self.assertEqual((len(self.monitor), self.registry.bound_processes), (0, 0))
         self.assertEqual(self.registry._bound, {})
 
-    def test_bound_modules_are_seen_at_each_flush(self) -> None:
+    def test_bound_modules_are_seen_at_each_cleanup_pass(self) -> None:
         """
-        Bound modules are recorded as seen at each heartbeat flush, so a
-        registry restarted from a durable store finds them fresh.
+        Bound modules are recorded as seen at each cleanup pass (and stored at
+        the next flush), so a registry restarted from a durable store finds
+        them fresh; a flush alone does not rewrite them.
         """
         store = MemoryStore()
         registry = Registry(store, self.clock, stale_after=300, processes=self.monitor)
         self.successResultOf(registry.publish(publish_request("m", 1234), peer=1234))
-        self.clock.advance(3600)
+        published_at = self.clock.seconds()
         self.successResultOf(registry.flush_heartbeats())
+        self.clock.advance(3600)
+
+        def stored_seen() -> float:
+            (stored,) = self.successResultOf(store.load())
+            return stored.last_seen
+
+        self.successResultOf(registry.flush_heartbeats())
+        self.assertEqual(stored_seen(), published_at)
+        self.successResultOf(registry.expire())
+        self.successResultOf(registry.flush_heartbeats())
+        self.assertEqual(stored_seen(), self.clock.seconds())
         restarted = Registry(store, self.clock, stale_after=300)
         self.successResultOf(restarted.load())
         self.assertFalse(restarted.is_stale("m", self.clock.seconds()))
