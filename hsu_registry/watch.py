@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -64,7 +63,6 @@ class ChangeLog:
         self._jitter = jitter or random.Random()
         self._changes: deque[Change] = deque(maxlen=size)
         self._waiters: list[_Waiter] = []
-        self._listeners: list[Callable[[Change], object]] = []
         self._wake: IDelayedCall | None = None
         self.closed = False
         registry.subscribe(self._changed)
@@ -97,16 +95,6 @@ class ChangeLog:
         if index < oldest - 1:
             return None
         return [change for change in self._changes if change.index > index]
-
-    def listen(self, listener: Callable[[Change], object]) -> Callable[[], None]:
-        """Call C{listener(change)} for every change; returns the way to stop."""
-        self._listeners.append(listener)
-
-        def stop() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return stop
 
     def wait(self, index: int, wait: float) -> Deferred[int]:
         """
@@ -146,11 +134,9 @@ class ChangeLog:
 
     def _changed(self, change: Change) -> None:
         self._changes.append(change)
-        # Streams first: writing an event is cheap.  Blocking queries are
-        # answered in a later reactor turn, each building a whole answer, so
-        # they delay neither the publish that made the change nor the streams.
-        for listener in list(self._listeners):
-            listener(change)
+        # Blocking queries are answered in a later reactor turn, each building
+        # a whole answer, so they delay neither the publish that made the
+        # change nor the watch streams (registry observers, written at once).
         if self._waiters and self._wake is None:
             # A moment later, not just the next turn: a zero-delay call would
             # run before the reactor writes the streams' events out.

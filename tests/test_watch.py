@@ -98,10 +98,10 @@ class ChangeLogTests(SynchronousTestCase):
         self.clock.advance(0.002)
         self.assertEqual({self.successResultOf(d) for d in waits}, {1})
 
-    def test_listen(self) -> None:
-        """Listeners see every change; stopping stops them."""
+    def test_subscribers_see_every_change(self) -> None:
+        """Registry observers (watch streams) see every change; unsubscribing stops them."""
         seen: list[ChangeKind] = []
-        stop = self.log.listen(lambda change: seen.append(change.kind))
+        stop = self.registry.subscribe(lambda change: seen.append(change.kind))
         self.publish("a")
         self.publish("a", apis=2)
         stop()
@@ -109,13 +109,22 @@ class ChangeLogTests(SynchronousTestCase):
         self.assertEqual(seen, [ChangeKind.PUBLISHED, ChangeKind.UPDATED])
 
     def test_streams_before_queries(self) -> None:
-        """Listeners (watch streams) hear of a change before blocking queries are answered."""
+        """
+        Registry observers (watch streams) hear of a change before blocking
+        queries are answered, and one that fails does not keep them waiting.
+        """
         order: list[str] = []
-        self.log.listen(lambda change: order.append("stream"))
+
+        def failing(change: object) -> None:
+            raise RuntimeError("a broken stream")
+
+        self.registry.subscribe(failing)
+        self.registry.subscribe(lambda change: order.append("stream"))
         self.log.wait(0, 30).addCallback(lambda _: order.append("query"))
         self.publish("a")
         self.clock.advance(0.002)
         self.assertEqual(order, ["stream", "query"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_close_answers_waiters(self) -> None:
         """Stopping the daemon answers every waiting query at once."""

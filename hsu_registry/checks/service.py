@@ -70,7 +70,7 @@ class HealthCheckService(Service):
     def startService(self) -> None:
         super().startService()
         self.scheduler = CheckScheduler(self.clock, self.probe, self._report, self.concurrency)
-        for registration, _ in self.registry.registrations():
+        for registration in self.registry:
             self._follow(registration)
         self._unsubscribe = self.registry.subscribe(self._changed)
 

@@ -26,6 +26,7 @@ from hsu_registry.interfaces import IRegistry
 from hsu_registry.model import (
     DEFAULT_LIMITS,
     Limits,
+    encode_discover,
     encode_json,
     parse_process_id,
     parse_publish_body,
@@ -94,8 +95,7 @@ class RegistryAPI:
         self._index_headers(request)
         body = registration.discover_body
         if passing and registration.has_checks:
-            apis = [api.to_json() for api in registration.apis if api.passing]
-            body = encode_json({"moduleID": module_id, "apis": apis})
+            body = encode_discover(module_id, tuple(a for a in registration.apis if a.passing))
         return json_response(request, body)
 
     @app.route("/api/v1/unpublish/<moduleID>", methods=["DELETE"])

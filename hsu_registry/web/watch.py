@@ -127,7 +127,9 @@ class WatchHub:
         self.queue_limit = queue_limit
         self.streams: set[_Stream] = set()
         self._pinger: LoopingCall | None = None
-        changelog.listen(self._changed)
+        # After the change log (subscribed when it was made): a stream that
+        # reconnects at once finds the change in its buffer.
+        changelog.registry.subscribe(self._changed)
 
     def open(self, request: Any, last_index: int | None, epoch: str | None) -> object:
         """Start a stream on C{request}, replaying from C{last_index} when given."""
