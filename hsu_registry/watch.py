@@ -62,7 +62,10 @@ class ChangeLog:
         self.max_wait = max_wait
         self._jitter = jitter or random.Random()
         self._changes: deque[Change] = deque(maxlen=size)
-        self._waiters: list[_Waiter] = []
+        # By their Deferreds, in the order they came: a query waits only at
+        # the current index, which never goes down, so the ready ones (their
+        # index passed) are always the first ones.
+        self._waiters: dict[Deferred[int], _Waiter] = {}
         self._wake: IDelayedCall | None = None
         self.closed = False
         registry.subscribe(self._changed)
@@ -118,17 +121,16 @@ class ChangeLog:
         done: Deferred[int] = Deferred(cancel)
         timer = self.clock.callLater(seconds, self._expire, done)
         waiter = _Waiter(index, done, timer)
-        self._waiters.append(waiter)
+        self._waiters[done] = waiter
         return done
 
     def _expire(self, done: Deferred[int]) -> None:
-        self._waiters = [w for w in self._waiters if w.done is not done]
+        self._waiters.pop(done, None)
         if not done.called:
             done.callback(self.registry.index)
 
     def _forget(self, waiter: _Waiter) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        self._waiters.pop(waiter.done, None)
         if waiter.timer.active():
             waiter.timer.cancel()
 
@@ -146,14 +148,19 @@ class ChangeLog:
         """Answer up to C{WAKE_BATCH} ready queries, then let the reactor write."""
         self._wake = None
         index = self.registry.index
-        ready = [w for w in self._waiters if index > w.index][:WAKE_BATCH]
-        chosen = set(map(id, ready))
-        self._waiters = [w for w in self._waiters if id(w) not in chosen]
+        ready: list[_Waiter] = []
+        for waiter in self._waiters.values():
+            if waiter.index >= index or len(ready) == WAKE_BATCH:
+                break
+            ready.append(waiter)
+        for waiter in ready:
+            del self._waiters[waiter.done]
         for waiter in ready:
             if waiter.timer.active():
                 waiter.timer.cancel()
             waiter.done.callback(index)
-        if any(index > w.index for w in self._waiters):
+        first = next(iter(self._waiters.values()), None)
+        if first is not None and first.index < index:
             self._wake = self.clock.callLater(0, self._wake_waiters)
 
     def close(self) -> None:
@@ -162,7 +169,7 @@ class ChangeLog:
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
         self._wake = None
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = list(self._waiters.values()), {}
         for waiter in waiters:
             if waiter.timer.active():
                 waiter.timer.cancel()
