@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from bench import wrk
+from bench import checks, fanout, liveness, wrk
 from bench.daemon import BENCH_DIR, Server, Workspace, start_daemon, start_reference
 from bench.gcpause import measure_gc
 from bench.memory import LEVELS, measure_memory
@@ -54,15 +54,10 @@ SECTIONS = (
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 #: The store section's paced part in a quick run: one total rate (req/s).
 QUICK_PACED_RATE = 200.0
-#: Bounds on the fanout section's subprocess (bench.fanout bounds itself at 60 s
-#: with --quick, 300 s without; this is the margin beyond).
-FANOUT_TIMEOUT = {True: 90.0, False: 360.0}
-#: Bounds on the liveness section's subprocess (bench.liveness bounds itself at
-#: 120 s with --quick, 480 s without; this is the margin beyond).
-LIVENESS_TIMEOUT = {True: 150.0, False: 540.0}
-#: Bounds on the checks section's subprocess (bench.checks bounds itself at
-#: 120 s with --quick, 240 s without; this is the margin beyond).
-CHECKS_TIMEOUT = {True: 150.0, False: 300.0}
+#: The sections run as subprocesses; each bounds itself (its C{TIMEOUT_S},
+#: with --quick and without) and is killed this margin later, s.
+SUBPROCESS_SECTIONS = {"fanout": fanout, "liveness": liveness, "checks": checks}
+SECTION_MARGIN_S = {True: 30.0, False: 60.0}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -157,7 +152,7 @@ def _meta(args: argparse.Namespace, settings: Settings, starts: int, wrk_path: s
 
 
 def _subprocess_section(
-    workspace: Workspace, name: str, quick: bool, timeout: dict[bool, float]
+    workspace: Workspace, name: str, quick: bool, timeout: float
 ) -> dict[str, Any]:
     """
     C{python -m bench.NAME} in a subprocess: what a section changes in its
@@ -169,7 +164,7 @@ def _subprocess_section(
     workspace.run_python(
         f"bench.{name}",
         [*(["--quick"] if quick else []), f"--json={path}"],
-        timeout=timeout[quick],
+        timeout=timeout,
     )
     with open(path, encoding="utf-8") as f:
         result: dict[str, Any] = json.load(f)
@@ -281,12 +276,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["gc"] = measure_gc(
                 workspace, gc_modules, gc_discover_s, settings.use_wrk, progress
             )
-        for name, timeout in (
-            ("fanout", FANOUT_TIMEOUT),
-            ("liveness", LIVENESS_TIMEOUT),
-            ("checks", CHECKS_TIMEOUT),
-        ):
+        for name, module in SUBPROCESS_SECTIONS.items():
             if name in args.sections:
+                timeout = module.TIMEOUT_S[quick] + SECTION_MARGIN_S[quick]
                 results[name] = _subprocess_section(workspace, name, quick, timeout)
                 notes.extend(f"{name}: {note}" for note in results[name].get("notes", []))
     results["meta"]["elapsed_s"] = time.monotonic() - began

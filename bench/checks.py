@@ -74,18 +74,20 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
-from bench.daemon import BENCH_DIR, Server, Workspace, log_tail, start_daemon
-from bench.liveness import cpu_times
-from bench.section import progress, section_main
+from bench.daemon import BENCH_DIR, Server, Workspace, cpu_times, log_tail, start_daemon
+from bench.probe import Connection, request_bytes
+from bench.section import fmt, progress, section_main
 from bench.stats import percentile, percentiles_ms
 
 __all__ = ["main", "render", "run"]
 
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "checks.json")
+#: The bound on the whole run (--timeout), s, with --quick and without.
+TIMEOUT_S = {True: 120.0, False: 240.0}
 #: The daemon's --check-concurrency (its default, given explicitly).
 CONCURRENCY = 32
 INTERVAL_S = 1.0
-TIMEOUT_S = 1.0
+CHECK_TIMEOUT_S = 1.0
 SERVICE = "chk"
 PHASES = ("none", "tcp", "http")
 #: The check object of each phase's APIs ("none": no check).
@@ -290,65 +292,6 @@ class Targets:
 
 
 # -- talking to the daemon ---------------------------------------------------
-
-
-def request_bytes(method: str, path: str, body: bytes | None = None) -> bytes:
-    """An HTTP/1.1 request as bytes."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
-    if body is not None:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    return (head + "\r\n").encode("ascii") + (body or b"")
-
-
-class Connection:
-    """HTTP/1.1 on one persistent unix-socket connection, one request at a time."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-        except BaseException:
-            self.sock.close()
-            raise
-        self._buffer = bytearray()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("the daemon closed the connection")
-        self._buffer += data
-
-    def exchange(self, payload: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Send one request; the status, headers (lower-case names) and body of its answer."""
-        self.sock.sendall(payload)
-        buffer = self._buffer
-        while (end := buffer.find(b"\r\n\r\n")) < 0:
-            self._fill()
-        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-        del buffer[: end + 4]
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if "content-length" not in headers:
-            raise ConnectionError(f"an answer without Content-Length: {lines[0]}")
-        length = int(headers["content-length"])
-        while len(buffer) < length:
-            self._fill()
-        body = bytes(buffer[:length])
-        del buffer[:length]
-        return int(lines[0].split(" ", 2)[1]), headers, body
-
-    def get_json(self, path: str) -> tuple[Any, dict[str, str]]:
-        """C{GET path}, which must answer 200; its JSON body and headers."""
-        status, headers, body = self.exchange(request_bytes("GET", path))
-        if status != 200:
-            raise RuntimeError(f"GET {path} answered {status}: {body[:200]!r}")
-        return json.loads(body), headers
 
 
 def publish_body(module_id: str, port: int, check: dict[str, Any] | None) -> bytes:
@@ -560,7 +503,7 @@ def measure_hung(run: Run, idle: dict[str, Any]) -> dict[str, Any]:
     after = run.snapshot()
     result["threads"] = run.threads()
     result.update(_rates(before, after, "hung_accepted", idle))
-    result["expected_round_s"] = n / CONCURRENCY * TIMEOUT_S
+    result["expected_round_s"] = n / CONCURRENCY * CHECK_TIMEOUT_S
     deadline = published + result["expected_round_s"] * 1.5 + 10.0
     while True:
         counts, output = statuses(run.conn)
@@ -650,7 +593,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "discover_requests": settings.discovers,
             "discover_budget_s": settings.discover_budget,
             "interval_s": INTERVAL_S,
-            "timeout_s": TIMEOUT_S,
+            "timeout_s": CHECK_TIMEOUT_S,
             "check_concurrency": CONCURRENCY,
         },
         "notes": [],
@@ -743,13 +686,6 @@ def _measure(daemon: Server, targets: Targets, settings: Settings, results: dict
 # -- the table -----------------------------------------------------------------------
 
 
-def _f(value: float | None, spec: str) -> str:
-    """C{value} formatted by C{spec} (a width and a precision), or a dash as wide."""
-    if value is None:
-        return "-".rjust(int(spec.split(".")[0]))
-    return format(value, spec)
-
-
 def _verdict(hung: dict[str, Any]) -> str:
     if hung["bound_ok"]:
         return "ok"
@@ -791,10 +727,10 @@ def render(results: dict[str, Any], notes: bool = True) -> str:
         checked = phase != "none"
         passing = f"{cell['passing_after']}/{n}" if checked else "-"
         lines.append(
-            f"  {phase:<6} {_f(cell['ready_s'], '7.2f')} {cell['checks_per_s']:8.0f} "
-            f"{_f(cell['checks_per_s'] / n if checked else None, '5.2f')} "
-            f"{cell['cpu_ms_per_s']:8.1f} {_f(cell.get('cpu_over_idle_ms_per_s'), '7.1f')} "
-            f"{_f(cell.get('cpu_us_per_check'), '6.0f')} {cell['fds_max'] - base_fds:>4} "
+            f"  {phase:<6} {fmt(cell['ready_s'], '7.2f')} {cell['checks_per_s']:8.0f} "
+            f"{fmt(cell['checks_per_s'] / n if checked else None, '5.2f')} "
+            f"{cell['cpu_ms_per_s']:8.1f} {fmt(cell.get('cpu_over_idle_ms_per_s'), '7.1f')} "
+            f"{fmt(cell.get('cpu_us_per_check'), '6.0f')} {cell['fds_max'] - base_fds:>4} "
             f"{cell['threads']:>3} {cell['log_bytes_per_s'] / 1024:9.1f} {passing:>9} "
             f"{cell['status_changes']:>7} {cell['discover']['p50_ms']:8.3f} "
             f"{cell['discover']['p99_ms']:7.3f} {ratio['p50_ms']:6.2f} {ratio['p99_ms']:6.2f}"
@@ -814,7 +750,7 @@ def render(results: dict[str, Any], notes: bool = True) -> str:
             f"  {hung['fds_idle']:>8} {hung['extra_fds_p50']:>8} {hung['extra_fds_p99']:>4} "
             f"{hung['extra_fds_max']:>4} {hung['bound']:>5} {hung['target_open_max']:>11} "
             f"{hung['checks_per_s']:8.1f} {hung['cpu_ms_per_s']:8.1f} "
-            f"{hung['cpu_over_idle_ms_per_s']:7.1f} {_f(hung['cpu_us_per_check'], '6.0f')} "
+            f"{hung['cpu_over_idle_ms_per_s']:7.1f} {fmt(hung['cpu_us_per_check'], '6.0f')} "
             f"{str(hung['critical']) + '/' + str(n):>9} {hung['all_critical_s']:14.1f} "
             f"{hung['expected_round_s']:7.1f}  {_verdict(hung)}",
         ]
@@ -844,7 +780,10 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         help="200 modules, 3 s windows, 1 000 discovers per phase",
     )
     parser.add_argument(
-        "--timeout", type=float, default=None, help="bound on the whole run, s (default 240)"
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"bound on the whole run, s (default {TIMEOUT_S[False]:g})",
     )
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     args = parser.parse_args(argv)
@@ -855,7 +794,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         discovers=1000 if quick else 2000,
         discover_budget=5.0 if quick else 20.0,
         settle=0.3 if quick else 1.0,
-        timeout=args.timeout if args.timeout is not None else (120.0 if quick else 240.0),
+        timeout=args.timeout if args.timeout is not None else TIMEOUT_S[quick],
         quick=quick,
     )
     if settings.modules < 1 or settings.window <= 0:

@@ -34,9 +34,12 @@ from bench.probe import Target
 __all__ = [
     "Server",
     "Workspace",
+    "await_server",
+    "cpu_times",
     "open_files_limit",
     "raise_open_files",
     "read_status_kib",
+    "spawn_daemon",
     "start_daemon",
     "start_reference",
     "venv_command",
@@ -65,6 +68,25 @@ def read_status_kib(pid: int, name: str = "VmRSS") -> int:
             if line.startswith(name + ":"):
                 return int(line.split()[1])
     raise KeyError(f"no {name} in /proc/{pid}/status")
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """
+    A process's CPU time in ms: utime+stime of C{/proc/PID/stat} (clock
+    ticks) and the sum of its threads' C{schedstat} (nanoseconds).
+    """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    stat_ms = ticks * 1000.0 / os.sysconf("SC_CLK_TCK")
+    sched_ns = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                sched_ns += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return stat_ms, sched_ns / 1e6
 
 
 def _die_with_parent() -> None:
@@ -105,6 +127,11 @@ class Server:
     def stop(self, timeout: float = 15.0) -> int | None:
         """Stop it (SIGTERM, then SIGKILL); its exit status."""
         return stop_process(self.process, timeout)
+
+    def read_log(self) -> str:
+        """Its whole log, so far."""
+        with open(self.log_path, "rb") as log:
+            return log.read().decode("utf-8", "replace")
 
     def check_alive(self) -> None:
         """Raise when it has exited."""
@@ -308,16 +335,16 @@ def wait_listening(
         time.sleep(0.01)
 
 
-def _start(workspace: Workspace, name: str, argv: Sequence[str], bench_importable: bool) -> Server:
-    log_path = workspace.new_path(f"{name}-log")
-    process = workspace.spawn(argv, log_path, bench_importable=bench_importable)
-    try:
-        targets = wait_listening(name, process, log_path, 2, timeout=30)
-    except BaseException:
-        stop_process(process)
-        raise
+def await_server(
+    name: str, process: subprocess.Popen[bytes], log_path: str, count: int, timeout: float = 30.0
+) -> Server:
+    """
+    Wait until C{process} listens on C{count} endpoints (in at most C{timeout}
+    seconds, see L{wait_listening}); the L{Server}.  On failure it is left
+    running: stopping it is the caller's choice.
+    """
     server = Server(name, process, log_path)
-    for target in targets:
+    for target in wait_listening(name, process, log_path, count, timeout):
         if target.transport == "tcp":
             server.tcp = target
         else:
@@ -325,20 +352,48 @@ def _start(workspace: Workspace, name: str, argv: Sequence[str], bench_importabl
     return server
 
 
-def start_daemon(workspace: Workspace, name: str, extra_args: Sequence[str] = ()) -> Server:
+def _awaited(name: str, process: subprocess.Popen[bytes], log_path: str, count: int) -> Server:
+    """L{await_server}, stopping the process when it fails."""
+    try:
+        return await_server(name, process, log_path, count)
+    except BaseException:
+        stop_process(process)
+        raise
+
+
+def spawn_daemon(
+    workspace: Workspace,
+    name: str,
+    extra_args: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
+    unix: bool = True,
+) -> tuple[subprocess.Popen[bytes], str]:
     """
-    The installed C{hsu-registry} command, listening on an ephemeral TCP port on
-    127.0.0.1 and on a unix socket in the workspace.  Its log (one line per
-    publish) goes to a file, never to a pipe that could fill up.
+    Start the installed C{hsu-registry} command (run by C{wrapper}, an argv
+    prefix, if any), listening on an ephemeral TCP port on 127.0.0.1 and,
+    when C{unix}, on a unix socket in the workspace; not waited for (see
+    L{await_server}).  Its log (one line per publish) goes to a file, never
+    to a pipe that could fill up.  The process and its log's path.
     """
-    socket_path = os.path.join(workspace.new_path(f"{name}-sock"), "registry.sock")
-    argv = [
-        venv_command("hsu-registry"),
-        "--endpoint=tcp:0:interface=127.0.0.1",
-        f"--endpoint=unix:{socket_path}",
-        *extra_args,
-    ]
-    return _start(workspace, name, argv, bench_importable=False)
+    argv = [*wrapper, venv_command("hsu-registry"), "--endpoint=tcp:0:interface=127.0.0.1"]
+    if unix:
+        socket_path = os.path.join(workspace.new_path(f"{name}-sock"), "registry.sock")
+        argv.append(f"--endpoint=unix:{socket_path}")
+    argv.extend(extra_args)
+    log_path = workspace.new_path(f"{name}-log")
+    return workspace.spawn(argv, log_path), log_path
+
+
+def start_daemon(
+    workspace: Workspace,
+    name: str,
+    extra_args: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
+    unix: bool = True,
+) -> Server:
+    """L{spawn_daemon}, then L{await_server} (30 s; the daemon is stopped on failure)."""
+    process, log_path = spawn_daemon(workspace, name, extra_args, wrapper, unix)
+    return _awaited(name, process, log_path, 2 if unix else 1)
 
 
 def start_reference(workspace: Workspace, bodies_path: str) -> Server:
@@ -350,7 +405,9 @@ def start_reference(workspace: Workspace, bodies_path: str) -> Server:
         f"--endpoint=unix:{socket_path}",
         f"--bodies={bodies_path}",
     )
-    return _start(workspace, "reference", argv, bench_importable=True)
+    log_path = workspace.new_path("reference-log")
+    process = workspace.spawn(argv, log_path, bench_importable=True)
+    return _awaited("reference", process, log_path, 2)
 
 
 def open_files_limit(pid: int) -> int | None:

@@ -71,16 +71,19 @@ from typing import Any, NamedTuple
 
 from bench.daemon import (
     BENCH_DIR,
+    Server,
     Workspace,
+    await_server,
     log_tail,
     open_files_limit,
     raise_open_files,
     read_status_kib,
+    spawn_daemon,
     stop_process,
-    venv_command,
-    wait_listening,
 )
+from bench.probe import request_bytes
 from bench.section import progress, section_main
+from bench.sse import Event, SSEParser, Stamp, parse_head, watch_request
 from bench.stats import median
 from bench.workload import PUBLISH_PATH, publish_body
 
@@ -88,6 +91,8 @@ __all__ = ["main", "run"]
 
 HOST = "127.0.0.1"
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "fanout.json")
+#: The bound on the whole run (--timeout), s, with --quick and without.
+TIMEOUT_S = {True: 60.0, False: 300.0}
 #: The target: publish to the last watcher notified, in milliseconds.
 LAST_WATCHER_TARGET_MS = 50.0
 #: Connections opened at once; well below the daemon's listen backlog of 1024.
@@ -105,20 +110,7 @@ _ANCILLARY_SIZE = socket.CMSG_SPACE(16)
 _READ_SIZE = 256 * 1024
 
 
-# -- parsing -----------------------------------------------------------------
-
-
-class Stamp(NamedTuple):
-    """
-    When bytes arrived: the kernel's receive time (C{SO_TIMESTAMPNS},
-    CLOCK_REALTIME nanoseconds; 0 when the kernel gave none) and when this
-    process read them (C{time.perf_counter()}).  Over loopback the kernel
-    stamps data as the daemon sends it, so the first does not include the
-    time this process took to get to the socket.
-    """
-
-    ns: int
-    read: float
+# -- timing and answers ------------------------------------------------------
 
 
 class Sent(NamedTuple):
@@ -143,121 +135,6 @@ class Sent(NamedTuple):
 
 
 NEVER = Sent(0, 0.0)
-
-
-@dataclass
-class Event:
-    """One server-sent event, stamped with the arrival of its last byte."""
-
-    stamp: Stamp
-    id: str | None
-    event: str
-    data: str
-
-
-def _head(raw: bytes) -> tuple[int, dict[str, str]]:
-    """The status and the (lower-cased) headers of an HTTP answer head."""
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers
-
-
-class SSEParser:
-    """An HTTP answer carrying an event stream: head, chunked coding, events."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.events: list[Event] = []
-        self.ended = False  # the last chunk came: the daemon ended the stream
-        self.error: str | None = None
-        self._raw = bytearray()
-        self._text = bytearray()
-        self._head_done = False
-        self._chunked = False
-        self._left = 0  # bytes of chunk data still to come
-        self._crlf = False  # the CRLF after a chunk's data is still to come
-
-    def feed(self, stamp: Stamp, data: bytes) -> None:
-        """Take C{data}, which arrived at C{stamp}."""
-        if self.error is not None:
-            return
-        raw = self._raw
-        raw += data
-        if not self._head_done:
-            end = raw.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            self.status, self.headers = _head(bytes(raw[:end]))
-            del raw[: end + 4]
-            self._head_done = True
-            self._chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        if not self._chunked:
-            self._body(stamp, bytes(raw))
-            raw.clear()
-            return
-        while not self.ended:
-            if self._left:
-                if not raw:
-                    break
-                piece = bytes(raw[: self._left])
-                del raw[: len(piece)]
-                self._left -= len(piece)
-                self._body(stamp, piece)
-                continue
-            if self._crlf:
-                if len(raw) < 2:
-                    break
-                if raw[:2] != b"\r\n":
-                    self.error = "a chunk not followed by CRLF"
-                    return
-                del raw[:2]
-                self._crlf = False
-                continue
-            end = raw.find(b"\r\n")
-            if end < 0:
-                break
-            try:
-                size = int(bytes(raw[:end]).split(b";")[0], 16)
-            except ValueError:
-                self.error = f"a bad chunk size line {bytes(raw[:end])[:40]!r}"
-                return
-            del raw[: end + 2]
-            if size == 0:
-                self.ended = True
-                break
-            self._left = size
-            self._crlf = True
-
-    def _body(self, stamp: Stamp, piece: bytes) -> None:
-        text = self._text
-        text += piece
-        while True:
-            end = text.find(b"\n\n")
-            if end < 0:
-                return
-            block = bytes(text[:end]).decode("utf-8", "replace")
-            del text[: end + 2]
-            fields: dict[str, str] = {}
-            data: list[str] = []
-            for line in block.split("\n"):
-                if not line or line.startswith(":"):
-                    continue  # a comment: the keep-alive
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "data":
-                    data.append(value)
-                else:
-                    fields[name] = value
-            if "event" in fields or data:
-                self.events.append(
-                    Event(stamp, fields.get("id"), fields.get("event", "message"), "\n".join(data))
-                )
 
 
 @dataclass
@@ -444,10 +321,7 @@ class Watcher(Connection):
         self.counted = 0
 
     def connected(self) -> None:
-        self.write(
-            b"GET /api/v1/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
-        )
+        self.write(watch_request(HOST))
 
     def received(self, stamp: Stamp, data: bytes) -> None:
         self.chunks.append((stamp, data))
@@ -508,7 +382,7 @@ class Exchange(Connection):
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            self._status, self._headers = _head(bytes(buffer[:end]))
+            self._status, self._headers = parse_head(bytes(buffer[:end]))
             length = self._headers.get("content-length")
             if length is None or not length.isdigit():
                 self._fail("an answer without Content-Length")
@@ -551,19 +425,8 @@ def _retrieve(future: asyncio.Future[Answer]) -> None:
         future.exception()
 
 
-def _get(path: str) -> bytes:
-    return b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode("ascii")
-
-
-def _post(path: str, body: bytes) -> bytes:
-    return (
-        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (path.encode("ascii"), len(body), body)
-    )
-
-
 def _query(index: int) -> bytes:
-    return _get(f"/api/v1/modules?index={index}&wait={QUERY_WAIT}")
+    return request_bytes("GET", f"/api/v1/modules?index={index}&wait={QUERY_WAIT}", host=HOST)
 
 
 # -- what /proc tells about the daemon ----------------------------------------
@@ -708,12 +571,14 @@ class Fanout:
         return await asyncio.wait_for(self.publisher.send(payload), ROUND_TIMEOUT)
 
     async def _publish(self, module: str, process_id: int) -> None:
-        answer = await self._call(_post(PUBLISH_PATH, publish_body(module, process_id)))
+        answer = await self._call(
+            request_bytes("POST", PUBLISH_PATH, publish_body(module, process_id), HOST)
+        )
         if answer.status != 200:
             raise RuntimeError(f"publish answered {answer.status}: {answer.body[:200]!r}")
 
     async def _current_index(self) -> int:
-        answer = await self._call(_get("/api/v1/modules"))
+        answer = await self._call(request_bytes("GET", "/api/v1/modules", host=HOST))
         if answer.status != 200 or answer.index is None:
             raise RuntimeError(f"/api/v1/modules answered {answer.status} {answer.body[:200]!r}")
         return answer.index
@@ -811,7 +676,9 @@ class Fanout:
         self.alive()
         held = sum(1 for q in self.queries if q.waiting)
         done = Round(phase, f"fanout-{phase}-{number}", queries_held=held)
-        payload = _post(PUBLISH_PATH, publish_body(done.module, 1000 + number))
+        payload = request_bytes(
+            "POST", PUBLISH_PATH, publish_body(done.module, 1000 + number), HOST
+        )
         everyone = self.hub.arm(self.hub.want + 1, len(self.watchers), held)
         quiet = [] if self.settings.read_during else [*self.watchers, *self.queries]
         for connection in quiet:
@@ -1045,14 +912,8 @@ def _phase_summary(rounds: list[dict[str, Any]], phase: str) -> dict[str, Any]:
     return summary
 
 
-async def _client(settings: Settings, server: Any, port: int, log_path: str) -> dict[str, Any]:
-    process = server
-
-    def alive() -> None:
-        if process.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {process.returncode}: {log_tail(log_path)}")
-
-    run = Fanout(settings, process.pid, port, alive)
+async def _client(settings: Settings, server: Server) -> dict[str, Any]:
+    run = Fanout(settings, server.pid, server.target("tcp").port, server.check_alive)
     results = run.results
     try:
         progress("warm-up: one watcher and one blocking query")
@@ -1083,8 +944,8 @@ async def _client(settings: Settings, server: Any, port: int, log_path: str) -> 
             if settings.queries
             else None
         )
-        memory["peak_kib"] = read_status_kib(process.pid, "VmHWM")
-        memory["daemon_open_files_limit"] = open_files_limit(process.pid)
+        memory["peak_kib"] = read_status_kib(server.pid, "VmHWM")
+        memory["daemon_open_files_limit"] = open_files_limit(server.pid)
         results["memory"] = memory
         progress(f"{settings.publishes} publishes to the watchers and the held queries")
         for number in range(settings.publishes):
@@ -1093,7 +954,7 @@ async def _client(settings: Settings, server: Any, port: int, log_path: str) -> 
             await asyncio.sleep(0.05)
         results["lost_connections_before_stop"] = run.hub.lost
         progress("stopping the daemon with everything open")
-        results["stop"] = await run.stop_daemon(process)
+        results["stop"] = await run.stop_daemon(server.process)
         totals, arrivals = run.delivery()
         results["delivery"] = totals
         rounds = _round_results(run.rounds, arrivals, settings.watchers)
@@ -1243,17 +1104,16 @@ def run(settings: Settings) -> dict[str, Any]:
         results["meta"].update(
             hsu_registry=location, hsu_registry_version=version, hsu_registry_digest=digest
         )
-        argv = [
-            venv_command("hsu-registry"),
-            "--endpoint=tcp:0:interface=127.0.0.1",
-            f"--max-modules={settings.publishes + settings.solo_publishes + 1000}",
-        ]
-        log_path = workspace.new_path("fanout-daemon-log")
-        process = workspace.spawn(argv, log_path)
+        process, log_path = spawn_daemon(
+            workspace,
+            "fanout-daemon",
+            [f"--max-modules={settings.publishes + settings.solo_publishes + 1000}"],
+            unix=False,
+        )
         try:
-            (target,) = wait_listening("hsu-registry", process, log_path, 1, timeout=30)
-            if target.transport != "tcp":
-                raise RuntimeError(f"the daemon listens on {target.describe()}")
+            server = await_server("the daemon", process, log_path, 1, timeout=30)
+            if server.tcp is None:
+                raise RuntimeError("the daemon does not listen over TCP")
             limit = open_files_limit(process.pid)
             if limit is not None and limit < needed:
                 raise RuntimeError(f"the daemon may open only {limit} files, {needed} are needed")
@@ -1261,11 +1121,7 @@ def run(settings: Settings) -> dict[str, Any]:
             gc.collect()
             gc.disable()
             try:
-                client = asyncio.run(
-                    asyncio.wait_for(
-                        _client(settings, process, target.port, log_path), max(remaining, 1)
-                    )
-                )
+                client = asyncio.run(asyncio.wait_for(_client(settings, server), max(remaining, 1)))
             except asyncio.TimeoutError:
                 raise RuntimeError(f"the run did not finish within {settings.timeout:g}s") from None
             finally:
@@ -1305,7 +1161,10 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         "--quick", action="store_true", help="50 watchers, 50 queries, 3 + 2 publishes"
     )
     parser.add_argument(
-        "--timeout", type=float, default=None, help="bound on the whole run, s (default 300)"
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"bound on the whole run, s (default {TIMEOUT_S[False]:g})",
     )
     parser.add_argument(
         "--read-during-fanout",
@@ -1329,7 +1188,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         publishes=pick(args.publishes, 20, 3),
         solo_publishes=pick(args.solo_publishes, 5, 2),
         settle=0.3 if quick else 1.0,
-        timeout=args.timeout if args.timeout is not None else (60.0 if quick else 300.0),
+        timeout=args.timeout if args.timeout is not None else TIMEOUT_S[quick],
         read_during=args.read_during_fanout,
     )
     if settings.watchers < 1:

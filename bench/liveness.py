@@ -73,6 +73,7 @@ import resource
 import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -85,27 +86,34 @@ from bench.daemon import (
     BENCH_DIR,
     Server,
     Workspace,
+    await_server,
+    cpu_times,
     log_tail,
     open_files_limit,
     raise_open_files,
     read_status_kib,
+    spawn_daemon,
     stop_process,
-    venv_command,
-    wait_listening,
 )
-from bench.probe import Target, request
-from bench.section import progress, section_main
+from bench.probe import Connection, request, request_bytes
+from bench.section import fmt, progress, section_main
+from bench.sse import SSEParser, Stamp, watch_request
 from bench.stats import median, percentile
 
 __all__ = ["main", "render", "run"]
 
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "liveness.json")
+#: The bound on the whole run (--timeout), s, with --quick and without.
+TIMEOUT_S = {True: 120.0, False: 480.0}
 #: Descriptors kept beyond one connection and one pidfd per module process.
 FD_MARGIN = 512
 #: Longest wait for module processes to connect, to publish, and for removals.
 PHASE_TIMEOUT = 120.0
 #: Longest wait for one round's removal (the polling fallback needs 0.5 s).
 ROUND_TIMEOUT = 10.0
+#: How long a daemon has to listen, and to exit on SIGTERM.
+LISTEN_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
 #: The daemon's default interval of the polling fallback, s.
 POLL_INTERVAL = 0.5
 #: The one API every benchmark module publishes.
@@ -146,6 +154,8 @@ if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP
     sys.exit("seccomp: " + os.strerror(ctypes.get_errno()))
 os.execv(sys.argv[1], sys.argv[1:])
 """
+#: The argv prefix that runs a daemon under that filter.
+NO_PIDFD_WRAPPER = (sys.executable, "-c", NO_PIDFD_EXEC)
 
 
 class BenchTimeout(RuntimeError):
@@ -158,39 +168,7 @@ class BenchTimeout(RuntimeError):
 def publish_request(module_id: str, process_id: int) -> bytes:
     """A C{POST /api/v1/publish} of C{module_id} with one API, as HTTP/1.1 bytes."""
     body = f'{{"moduleID":"{module_id}","processID":{process_id},"apis":{API}}}'.encode("ascii")
-    return (
-        b"POST /api/v1/publish HTTP/1.1\r\nHost: localhost\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-
-
-def exchange(sock: socket.socket, payload: bytes) -> tuple[int, bytes]:
-    """Send one request on a persistent connection; the status and body of its answer."""
-    sock.sendall(payload)
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("the daemon closed the connection")
-        buffer += data
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    length = None
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    if length is None:
-        raise ConnectionError("an answer without Content-Length")
-    while len(body) < length:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("the daemon closed the connection")
-        body += data
-    if len(body) != length:
-        raise ConnectionError("more bytes than the answer's Content-Length")
-    return status, body
+    return request_bytes("POST", "/api/v1/publish", body)
 
 
 def _report(fd: int, line: str) -> None:
@@ -234,18 +212,16 @@ def _module_process(
             low = keep + 1
         os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         pid = os.getpid()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(PHASE_TIMEOUT)
-        sock.connect(socket_path)
+        conn = Connection(socket_path, timeout=PHASE_TIMEOUT)
         _report(report_fd, f"ready {pid}")
         if os.read(go_fd, 1) != b"g":
             raise RuntimeError("no go byte")
         process_id = pid if bound else 0
         for module_id in module_ids:
-            status, body = exchange(sock, publish_request(module_id, process_id))
+            status, _, body = conn.exchange(publish_request(module_id, process_id))
             if status != 200:
                 raise RuntimeError(f"publish {module_id} answered {status}: {body[:200]!r}")
-        sock.close()
+        conn.close()
         _report(report_fd, f"done {pid}")
         while True:
             signal.pause()
@@ -455,20 +431,12 @@ class WatchStream:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(socket_path)
-        self.sock.sendall(
-            b"GET /api/v1/watch HTTP/1.1\r\nHost: localhost\r\n"
-            b"Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
-        )
+        self.sock.sendall(watch_request("localhost"))
         self.hello = False
         self.published: dict[str, float] = {}
         self.expired: dict[str, float] = {}
-        self.events = 0
-        self._raw = bytearray()
-        self._text = bytearray()
-        self._head = False
-        self._left = 0
-        self._crlf = False
-        self.ended = False
+        self.parser = SSEParser()
+        self._handled = 0  # the parser's events taken into account
 
     def close(self) -> None:
         self.sock.close()
@@ -584,7 +552,7 @@ class WatchStream:
             if not data:
                 raise StreamEnded("the daemon ended the watch stream")
             self._feed(data, now)
-            if self.ended:
+            if self.parser.ended:
                 raise StreamEnded("the daemon ended the watch stream")
 
     def wait_module(self, events: dict[str, float], module_id: str, timeout: float) -> None:
@@ -592,158 +560,47 @@ class WatchStream:
         self.wait(lambda: module_id in events, timeout)
 
     def _feed(self, data: bytes, now: float) -> None:
-        raw = self._raw
-        raw += data
-        if not self._head:
-            end = raw.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(raw[:end]).decode("latin-1").lower()
-            if not head.startswith("http/1.1 200") or "text/event-stream" not in head:
-                raise RuntimeError(f"the watch answered {head.splitlines()[0]!r}")
-            if "chunked" not in head:
+        parser = self.parser
+        checked = parser.head_done
+        parser.feed(Stamp(0, now), data)
+        if parser.error is not None:
+            raise RuntimeError(f"the watch stream is broken: {parser.error}")
+        if parser.head_done and not checked:
+            content_type = parser.headers.get("content-type", "")
+            if parser.status != 200 or "text/event-stream" not in content_type:
+                raise RuntimeError(f"the watch answered {parser.status} ({content_type!r})")
+            if not parser.chunked:
                 raise RuntimeError("the watch stream is not chunked")
-            del raw[: end + 4]
-            self._head = True
-        while not self.ended:
-            if self._left:
-                if not raw:
-                    break
-                piece = bytes(raw[: self._left])
-                del raw[: len(piece)]
-                self._left -= len(piece)
-                self._body(piece, now)
-            elif self._crlf:
-                if len(raw) < 2:
-                    break
-                del raw[:2]
-                self._crlf = False
-            else:
-                end = raw.find(b"\r\n")
-                if end < 0:
-                    break
-                size = int(bytes(raw[:end]).split(b";")[0], 16)
-                del raw[: end + 2]
-                if size == 0:
-                    self.ended = True
-                self._left = size
-                self._crlf = size > 0
-
-    def _body(self, piece: bytes, now: float) -> None:
-        text = self._text
-        text += piece
-        while True:
-            end = text.find(b"\n\n")
-            if end < 0:
-                return
-            block = bytes(text[:end]).decode("utf-8", "replace")
-            del text[: end + 2]
-            event = data = None
-            for line in block.split("\n"):
-                name, _, value = line.partition(": ")
-                if name == "event":
-                    event = value
-                elif name == "data":
-                    data = value
-            if event is None:
-                continue  # the retry field, a keep-alive comment
-            self.events += 1
-            if event == "hello":
+        for event in parser.events[self._handled :]:
+            if event.event == "hello":
                 self.hello = True
-            elif event in ("expired", "published") and data is not None:
-                module_id = json.loads(data)["moduleID"]
-                (self.expired if event == "expired" else self.published)[module_id] = now
+            elif event.event in ("expired", "published") and event.data:
+                module_id = json.loads(event.data)["moduleID"]
+                (self.expired if event.event == "expired" else self.published)[module_id] = (
+                    event.stamp.read
+                )
+        self._handled = len(parser.events)
 
 
 # -- the daemon ----------------------------------------------------------------
 
 
-@dataclass
-class Daemon:
-    """A daemon being started, then running (L{server} once listening)."""
-
-    name: str
-    polling: bool
-    process: Any
-    log_path: str
-    server: Server | None = None
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-    @property
-    def unix_path(self) -> str:
-        assert self.server is not None and self.server.unix is not None
-        return self.server.unix.path
-
-    @property
-    def unix(self) -> Target:
-        assert self.server is not None
-        return self.server.target("unix")
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(
-                f"daemon {self.name} exited with {self.process.returncode}: "
-                f"{log_tail(self.log_path)}"
-            )
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def stop(self) -> int | None:
-        return stop_process(self.process, timeout=10)
-
-
-def launch(workspace: Workspace, name: str, polling: bool) -> Daemon:
-    """
-    Start C{hsu-registry} as L{bench.daemon.start_daemon} does (TCP on
-    127.0.0.1, a unix socket in the workspace), under the no-pidfd seccomp
-    filter when C{polling}; not yet waited for.
-    """
-    socket_path = os.path.join(workspace.new_path(f"{name}-sock"), "registry.sock")
-    argv = [
-        venv_command("hsu-registry"),
-        "--endpoint=tcp:0:interface=127.0.0.1",
-        f"--endpoint=unix:{socket_path}",
-    ]
-    if polling:
-        argv = [sys.executable, "-c", NO_PIDFD_EXEC, *argv]
-    log_path = workspace.new_path(f"{name}-log")
-    return Daemon(name, polling, workspace.spawn(argv, log_path), log_path)
-
-
-def listening(daemon: Daemon) -> Daemon:
-    """Wait until C{daemon} listens on both endpoints."""
-    targets = wait_listening(daemon.name, daemon.process, daemon.log_path, 2, timeout=60)
-    server = Server(daemon.name, daemon.process, daemon.log_path)
-    for target in targets:
-        if target.transport == "tcp":
-            server.tcp = target
-        else:
-            server.unix = target
-    daemon.server = server
-    return daemon
-
-
-def _get_json(daemon: Daemon, path: str) -> tuple[int, Any]:
-    answer = request(daemon.unix, "GET", path)
+def _get_json(daemon: Server, path: str) -> tuple[int, Any]:
+    answer = request(daemon.target("unix"), "GET", path)
     try:
         return answer.status, json.loads(answer.body)
     except ValueError:
         return answer.status, answer.body.decode("utf-8", "replace")
 
 
-def registered(daemon: Daemon) -> int:
+def registered(daemon: Server) -> int:
     status, body = _get_json(daemon, "/api/v1/health")
     if status != 200:
         raise RuntimeError(f"health answered {status}: {body}")
     return int(body["registeredModules"])
 
 
-def check_bound(daemon: Daemon, module_id: str, pid: int | None) -> None:
+def check_bound(daemon: Server, module_id: str, pid: int | None) -> None:
     """C{module_id} is registered, bound to C{pid} (or not bound, when L{None})."""
     status, entry = _get_json(daemon, f"/api/v1/modules/{module_id}")
     if status != 200:
@@ -767,25 +624,6 @@ def open_fds(pid: int) -> tuple[int, int]:
         except OSError:
             pass
     return total, pidfds
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """
-    A process's CPU time in ms: utime+stime of C{/proc/PID/stat} (clock
-    ticks) and the sum of its threads' C{schedstat} (nanoseconds).
-    """
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    stat_ms = ticks * 1000.0 / os.sysconf("SC_CLK_TCK")
-    sched_ns = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
-                sched_ns += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return stat_ms, sched_ns / 1e6
 
 
 # -- the measurements ----------------------------------------------------------
@@ -815,14 +653,15 @@ def _summary_ms(samples: list[float]) -> dict[str, Any]:
     }
 
 
-def measure_kill(daemon: Daemon, rounds: int) -> dict[str, Any]:
+def measure_kill(daemon: Server, rounds: int, polling: bool) -> dict[str, Any]:
     """
     Kill to removal, one new module process per round (see the module's
     docstring).  The polling daemon's poller starts with the first process
     watched: each round's process is killed a random 0 to 0.5 s after its
     binding, so that the kill falls anywhere in the polling period.
     """
-    watch = WatchStream(daemon.unix_path)
+    socket_path = daemon.target("unix").path
+    watch = WatchStream(socket_path)
     samples: list[float] = []
     exits: list[float] = []
     delays = random.Random(rounds)
@@ -830,14 +669,14 @@ def measure_kill(daemon: Daemon, rounds: int) -> dict[str, Any]:
         watch.wait(lambda: watch.hello, ROUND_TIMEOUT)
         for number in range(rounds):
             module_id = f"live-{daemon.name}-{number}"
-            with ModuleProcesses(daemon.unix_path) as children:
+            with ModuleProcesses(socket_path) as children:
                 pid = children.fork([module_id], bound=True)
                 children.wait("ready", 1, ROUND_TIMEOUT, daemon.check_alive)
                 children.go()
                 children.wait("done", 1, ROUND_TIMEOUT, daemon.check_alive)
                 check_bound(daemon, module_id, pid)
                 watch.wait_module(watch.published, module_id, ROUND_TIMEOUT)
-                if daemon.polling:
+                if polling:
                     time.sleep(delays.uniform(0.0, POLL_INTERVAL))
                 removal = watch.kill_and_wait(
                     partial(os.kill, pid, signal.SIGKILL),
@@ -853,7 +692,7 @@ def measure_kill(daemon: Daemon, rounds: int) -> dict[str, Any]:
                 raise RuntimeError(f"{module_id} is still registered ({status}) after its removal")
     finally:
         watch.close()
-    log = daemon.log()
+    log = daemon.read_log()
     result = _summary_ms(samples)
     result["exit_median_ms"] = median(exits) if len(exits) == len(samples) else None
     result["exit_samples_ms"] = exits
@@ -884,7 +723,7 @@ SHAPES = (
 )
 
 
-def measure_shape(daemon: Daemon, shape: Shape, settings: Settings) -> dict[str, Any]:
+def measure_shape(daemon: Server, shape: Shape, settings: Settings) -> dict[str, Any]:
     """One shape of the tracking cost (see the module's docstring)."""
     n = settings.modules
     ids = [f"{shape.key}-{number}" for number in range(n)]
@@ -899,7 +738,8 @@ def measure_shape(daemon: Daemon, shape: Shape, settings: Settings) -> dict[str,
     }
     result["idle_rss_kib"] = read_status_kib(pid, "VmRSS")
     result["fds_before"] = open_fds(pid)[0]
-    with ModuleProcesses(daemon.unix_path) as children:
+    socket_path = daemon.target("unix").path
+    with ModuleProcesses(socket_path) as children:
         began = time.monotonic()
         if shape.many:
             children.fork_many(([module_id] for module_id in ids), shape.bound)
@@ -934,7 +774,7 @@ def measure_shape(daemon: Daemon, shape: Shape, settings: Settings) -> dict[str,
         result["idle_cpu_ms"] = after[0] - before[0]
         result["idle_cpu_sched_ms"] = after[1] - before[1]
         if shape.bound:
-            watch = WatchStream(daemon.unix_path)
+            watch = WatchStream(socket_path)
             try:
                 watch.wait(lambda: watch.hello, ROUND_TIMEOUT)
                 removal = watch.kill_and_wait(
@@ -969,7 +809,7 @@ def measure_shape(daemon: Daemon, shape: Shape, settings: Settings) -> dict[str,
                     f"{shape.key}: {result['expired_events']} of {n} expired events, "
                     f"{result['remaining']} still registered"
                 )
-    log = daemon.log()
+    log = daemon.read_log()
     result["expired_log_lines"] = log.count(EXPIRED_LOG)
     result["pidfd_warning"] = NO_PIDFD_WARNING in log
     result["watchers_dropped"] = log.count(DROPPED_WATCHER)
@@ -1041,12 +881,16 @@ def run(settings: Settings) -> dict[str, Any]:
                 if settings.polled_shape or not shape.polling
             ]
             progress(f"liveness: starting {len(wanted)} daemons")
-            daemons = {name: launch(workspace, name, polling) for name, polling in wanted}
+            spawned = {
+                name: spawn_daemon(workspace, name, wrapper=NO_PIDFD_WRAPPER if polling else ())
+                for name, polling in wanted
+            }
+            polled = {name for name, polling in wanted if polling}
             try:
-                _run(daemons, settings, results, notes)
+                _run(spawned, polled, settings, results, notes)
             finally:
-                for daemon in daemons.values():
-                    daemon.stop()
+                for process, _ in spawned.values():
+                    stop_process(process, timeout=STOP_TIMEOUT)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     results["meta"]["elapsed_s"] = time.monotonic() - began
@@ -1055,26 +899,29 @@ def run(settings: Settings) -> dict[str, Any]:
 
 
 def _run(
-    daemons: dict[str, Daemon], settings: Settings, results: dict[str, Any], notes: list[str]
+    spawned: dict[str, tuple[subprocess.Popen[bytes], str]],
+    polled: set[str],
+    settings: Settings,
+    results: dict[str, Any],
+    notes: list[str],
 ) -> None:
-    ready: dict[str, Daemon] = {}
-    for name, daemon in daemons.items():
+    daemons: dict[str, Server] = {}
+    for name, (process, log_path) in spawned.items():
         try:
-            ready[name] = listening(daemon)
+            daemons[name] = await_server(name, process, log_path, 2, timeout=LISTEN_TIMEOUT)
         except RuntimeError as e:
-            if not daemon.polling:
+            if name not in polled:
                 raise
-            daemon.stop()
+            stop_process(process, timeout=STOP_TIMEOUT)
             if not any("polling fallback" in note for note in notes):
                 notes.append(f"the polling fallback was not measured: {e}")
-    daemons = ready
     polling = settings.polling and "kill-polling" in daemons
     for daemon in daemons.values():
         limit = open_files_limit(daemon.pid)
         results["meta"].setdefault("daemon_open_files_limit", limit)
         if limit is not None and limit < 2 * settings.modules + FD_MARGIN:
             raise RuntimeError(f"daemon {daemon.name} may open only {limit} files")
-        if daemon.polling:
+        if daemon.name in polled:
             # The filter is in place when the daemon cannot have a pidfd.
             if open_fds(daemon.pid)[1]:
                 raise RuntimeError(f"daemon {daemon.name} holds pidfds under the filter")
@@ -1082,12 +929,12 @@ def _run(
     kill: dict[str, Any] = {}
     results["kill"] = kill
     progress(f"liveness: {settings.rounds} kills, pidfd")
-    kill["pidfd"] = measure_kill(daemons["kill-pidfd"], settings.rounds)
+    kill["pidfd"] = measure_kill(daemons["kill-pidfd"], settings.rounds, polling=False)
     if kill["pidfd"]["pidfd_warning"]:
         notes.append("the default daemon could not open a pidfd: it polled")
     if polling:
         progress(f"liveness: {settings.rounds} kills, polling fallback")
-        kill["polling"] = measure_kill(daemons["kill-polling"], settings.rounds)
+        kill["polling"] = measure_kill(daemons["kill-polling"], settings.rounds, polling=True)
         if not kill["polling"]["pidfd_warning"]:
             raise RuntimeError("the daemon under the no-pidfd filter did not fall back to polling")
     else:
@@ -1114,7 +961,7 @@ def _run(
                 f"({cell['watchers_dropped']} 'Disconnecting a watcher' in its log) when every "
                 "module process was killed: the removal was seen through health"
             )
-        daemons[shape.key].stop()  # its memory is measured: no need to keep it
+        daemons[shape.key].stop(STOP_TIMEOUT)  # its memory is measured: no need to keep it
     _ratios(shapes)
     results["meta"]["daemon_log_tail"] = log_tail(daemons["kill-pidfd"].log_path, 400)
 
@@ -1122,17 +969,10 @@ def _run(
 # -- the table -----------------------------------------------------------------
 
 
-def _f(value: float | None, spec: str) -> str:
-    """C{value} formatted by C{spec} (a width and a precision), or a dash as wide."""
-    if value is None:
-        return "-".rjust(int(spec.split(".")[0]))
-    return format(value, spec)
-
-
 def _removal(cell: dict[str, Any]) -> str:
     if cell.get("removal_seen_by") == "health":
-        return _f(cell["removal_ms"], "7.1f") + "h"
-    return _f(cell.get("removal_ms"), "8.1f")
+        return fmt(cell["removal_ms"], "7.1f") + "h"
+    return fmt(cell.get("removal_ms"), "8.1f")
 
 
 def render(results: dict[str, Any], notes: bool = True) -> str:
@@ -1162,7 +1002,7 @@ def render(results: dict[str, Any], notes: bool = True) -> str:
             continue
         lines.append(
             f"  {label:<38} {cell['rounds']:>6} {cell['median_ms']:8.2f} {cell['p90_ms']:8.2f} "
-            f"{cell['max_ms']:8.2f} {cell['min_ms']:8.2f} {_f(cell['exit_median_ms'], '8.2f')}"
+            f"{cell['max_ms']:8.2f} {cell['min_ms']:8.2f} {fmt(cell['exit_median_ms'], '8.2f')}"
         )
     if kill.get("polling") is not None:
         lines.append(
@@ -1190,12 +1030,12 @@ def render(results: dict[str, Any], notes: bool = True) -> str:
         for cell in tracking["shapes"].values():
             lines.append(
                 f"  {cell['label']:<22} {cell['processes']:>5} {cell['pidfds']:>6} "
-                f"{cell['fds']:>6} {cell['rss_kib'] / 1024:7.1f} {_f(cell['rss_ratio'], '6.2f')} "
-                f"{_f(cell['extra_bytes_per_module'], '6.0f')} {cell['publish_s']:9.2f} "
-                f"{cell['publish_rps']:7.0f} {_f(cell['publish_rps_ratio'], '6.2f')} "
+                f"{cell['fds']:>6} {cell['rss_kib'] / 1024:7.1f} {fmt(cell['rss_ratio'], '6.2f')} "
+                f"{fmt(cell['extra_bytes_per_module'], '6.0f')} {cell['publish_s']:9.2f} "
+                f"{cell['publish_rps']:7.0f} {fmt(cell['publish_rps_ratio'], '6.2f')} "
                 f"{cell['idle_cpu_ms']:8.0f} {_removal(cell)} "
-                f"{_f(cell.get('last_exit_ms'), '9.1f')} "
-                f"{_f(cell.get('removal_per_module_us'), '7.1f')}"
+                f"{fmt(cell.get('last_exit_ms'), '9.1f')} "
+                f"{fmt(cell.get('removal_per_module_us'), '7.1f')}"
             )
         private = [
             cell["module_process_private_kib"]
@@ -1250,7 +1090,10 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         help="5 rounds, 1 000 modules, 0.5 s idle, no polled shape",
     )
     parser.add_argument(
-        "--timeout", type=float, default=None, help="bound on the whole run, s (default 480)"
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"bound on the whole run, s (default {TIMEOUT_S[False]:g})",
     )
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     args = parser.parse_args(argv)
@@ -1262,7 +1105,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, str]:
         settle=0.3 if quick else 1.0,
         polling=not args.no_polling,
         polled_shape=not args.no_polling and not quick,
-        timeout=args.timeout if args.timeout is not None else (120.0 if quick else 480.0),
+        timeout=args.timeout if args.timeout is not None else TIMEOUT_S[quick],
         quick=quick,
     )
     if settings.rounds < 1 or settings.modules < 1 or settings.idle < 0:

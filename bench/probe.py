@@ -1,17 +1,21 @@
 """
 Blocking HTTP/1.1 requests over TCP or a unix socket, for set-up, checks and
-start-up polling (never for load: see L{bench.loadgen} and L{bench.wrk}).
+start-up polling, and requests as bytes on one persistent unix-socket
+connection (L{Connection}) (never for load: see L{bench.loadgen} and
+L{bench.wrk}).
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Answer", "Target", "request", "wait_until_healthy"]
+__all__ = ["Answer", "Connection", "Target", "request", "request_bytes", "wait_until_healthy"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +134,64 @@ def wait_until_healthy(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"no healthy answer from {target.describe()}{path}")
         time.sleep(interval)
+
+
+def request_bytes(
+    method: str, path: str, body: bytes | None = None, host: str = "localhost"
+) -> bytes:
+    """An HTTP/1.1 request as bytes (a C{body} is JSON)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode("ascii") + (body or b"")
+
+
+class Connection:
+    """HTTP/1.1 on one persistent unix-socket connection, one request at a time."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._buffer = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the daemon closed the connection")
+        self._buffer += data
+
+    def exchange(self, payload: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send one request; the status, headers (lower-case names) and body of its answer."""
+        self.sock.sendall(payload)
+        buffer = self._buffer
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            self._fill()
+        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        del buffer[: end + 4]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" not in headers:
+            raise ConnectionError(f"an answer without Content-Length: {lines[0]}")
+        length = int(headers["content-length"])
+        while len(buffer) < length:
+            self._fill()
+        body = bytes(buffer[:length])
+        del buffer[:length]
+        return int(lines[0].split(" ", 2)[1]), headers, body
+
+    def get_json(self, path: str) -> tuple[Any, dict[str, str]]:
+        """C{GET path}, which must answer 200; its JSON body and headers."""
+        status, headers, body = self.exchange(request_bytes("GET", path))
+        if status != 200:
+            raise RuntimeError(f"GET {path} answered {status}: {body[:200]!r}")
+        return json.loads(body), headers

@@ -2,7 +2,8 @@
 What every standalone section (``python -m bench.fanout``, ``bench.liveness``,
 ``bench.checks``) and ``python -m bench`` share: progress lines on stderr,
 SIGTERM as a clean exit (so ``finally`` blocks reap what a section started),
-atomic JSON output, and the command line's run-render-write sequence.
+atomic JSON output, the command line's run-render-write sequence, and a
+table cell that may be empty.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, TypeVar
 
-__all__ = ["on_sigterm", "progress", "section_main", "write_json"]
+__all__ = ["fmt", "on_sigterm", "progress", "section_main", "write_json"]
 
 S = TypeVar("S")
 
@@ -23,6 +24,13 @@ S = TypeVar("S")
 def progress(line: str) -> None:
     """One progress line, on stderr (the table goes to stdout)."""
     print(line, file=sys.stderr, flush=True)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """C{value} formatted by C{spec} (a width and a precision), or a dash as wide."""
+    if value is None:
+        return "-".rjust(int(spec.split(".")[0]))
+    return format(value, spec)
 
 
 def on_sigterm(signum: int, frame: FrameType | None) -> None:
