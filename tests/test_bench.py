@@ -23,6 +23,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from bench.held_queries import measure as measure_held_queries
 from bench.loadgen import LoadSpec, _Load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -513,6 +514,17 @@ class _Slow(Resource):
             reactor.callLater(self.hold, answer)
             return NOT_DONE_YET
         return b"ok"
+
+
+class HeldQueriesTests(SynchronousTestCase):
+    """C{python -m bench.held_queries}: every held query is answered, both ways."""
+
+    def test_measure(self) -> None:
+        result = measure_held_queries(200)
+        self.assertEqual(result["queries"], 200)
+        for figure in ("timeout_s", "change_s"):
+            self.assertIsInstance(result[figure], float, figure)
+            self.assertGreaterEqual(result[figure], 0.0, figure)
 
 
 class ScheduleTests(SynchronousTestCase):
