@@ -75,17 +75,17 @@ class BlockingRegistryClient:
     def __repr__(self) -> str:
         return f"<BlockingRegistryClient {self.address.url}>"
 
+    def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A connection to the registry (not yet made) over its URL's transport."""
+        if self.address.path is not None:
+            return _UnixHTTPConnection(self.address.path, timeout)
+        assert self.address.host is not None
+        return http.client.HTTPConnection(self.address.host, self.address.port, timeout=timeout)
+
     def _connection(self) -> http.client.HTTPConnection:
         connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
         if connection is None:
-            if self.address.path is not None:
-                connection = _UnixHTTPConnection(self.address.path, self.timeout)
-            else:
-                assert self.address.host is not None
-                connection = http.client.HTTPConnection(
-                    self.address.host, self.address.port, timeout=self.timeout
-                )
-            self._local.connection = connection
+            connection = self._local.connection = self._new_connection(self.timeout)
         return connection
 
     def _drop_connection(self) -> None:
@@ -175,15 +175,7 @@ class BlockingRegistryClient:
         stream raises L{RegistryUnavailable}; resume with the last event's
         index and epoch.
         """
-        if self.address.path is not None:
-            connection: http.client.HTTPConnection = _UnixHTTPConnection(
-                self.address.path, idle_timeout
-            )
-        else:
-            assert self.address.host is not None
-            connection = http.client.HTTPConnection(
-                self.address.host, self.address.port, timeout=idle_timeout
-            )
+        connection = self._new_connection(idle_timeout)
         headers = {"Accept": "text/event-stream"}
         if last_index is not None:
             headers["Last-Event-ID"] = str(last_index)
