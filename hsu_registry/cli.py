@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -22,7 +22,11 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
+from hsu_registry.hangup import install_hangup_handler
 from hsu_registry.options import Options
+
+if TYPE_CHECKING:
+    from hsu_registry.service import RegistryService
 
 __all__ = ["main", "run"]
 
@@ -31,12 +35,17 @@ def run(
     argv: list[str],
     reactor: Any,
     stderr: TextIO,
-    on_started: Callable[[], object] = lambda: None,
+    on_started: Callable[[RegistryService], object] = lambda service: None,
+    hangup: bool = False,
 ) -> int:
     """
     Parse C{argv}, start the daemon on C{reactor} and run it until it is
-    stopped.  C{on_started} is called once the daemon listens; the command
-    begins logging only then, so a failed start says one line and no more.
+    stopped.  C{on_started} is called with the service once the daemon
+    listens; the command begins logging only then, so a failed start says
+    one line and no more.
+
+    @param hangup: make SIGHUP reload (see L{hsu_registry.hangup}) from the
+        moment the service is built; only for the process's own command.
 
     @return: the process exit code: 0 after a clean stop, 1 when the daemon
         could not start, 2 for a usage error.
@@ -56,6 +65,8 @@ def run(
         stderr.write(f"hsu-registry: {e}\n")
         return 2
 
+    if hangup:
+        install_hangup_handler(reactor, service.reload)
     exit_code = [0]
 
     def start() -> None:
@@ -68,7 +79,7 @@ def run(
             d.addBoth(lambda _: reactor.stop())
             return
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-        on_started()
+        on_started(service)
 
     reactor.callWhenRunning(start)
     reactor.run()
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(run(argv, None, sys.stderr))
     from twisted.internet import reactor
 
-    def begin_logging() -> None:
+    def started(service: RegistryService) -> None:
         # Events logged before this (start-up) are buffered and written now.
         observer = textFileLogObserver(sys.stderr)
         globalLogBeginner.beginLoggingTo(
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             redirectStandardIO=False,
         )
 
-    raise SystemExit(run(argv, reactor, sys.stderr, begin_logging))
+    raise SystemExit(run(argv, reactor, sys.stderr, started, hangup=True))
 
 
 if __name__ == "__main__":

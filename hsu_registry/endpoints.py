@@ -14,8 +14,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import socket
 import stat
+from collections.abc import Iterable
 from typing import Any
 
 from attrs import frozen
@@ -25,12 +27,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 
 __all__ = [
     "DEFAULT_ENDPOINT",
+    "GO_CLIENT_DEFAULT_SOCKET",
     "EndpointDescription",
     "ListenerService",
+    "check_description",
+    "go_client_hint",
     "parse_description",
     "tcp_endpoint",
     "unix_endpoint",
@@ -123,6 +129,92 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
+def check_description(description: str) -> EndpointDescription:
+    """
+    Check that C{description} names an endpoint this daemon can be built
+    with, so that a mistake is one clear line at start-up, not a traceback.
+
+    @raise ValueError: saying what is wrong, e.g. "the port 'abc' is not a
+        number from 0 to 65535".
+    """
+    parsed = parse_description(description)
+    if parsed.kind in ("tcp", "tcp6", "ssl"):
+        port = parsed.get("port") or (parsed.args[0] if parsed.args else None)
+        if port is None:
+            raise ValueError("no port given (e.g. tcp:17951:interface=127.0.0.1)")
+        _check_number(port, "the port", 0, 65535)
+    if parsed.kind == "unix":
+        if not parsed.unix_path:
+            raise ValueError("no socket path given (e.g. unix:/var/run/hsu/registry.sock)")
+        mode = parsed.get("mode")
+        if mode is not None and not (
+            mode and all(c in "01234567" for c in mode) and int(mode, 8) <= 0o777
+        ):
+            raise ValueError(f"the mode {mode!r} is not an octal file mode such as 600")
+    backlog = parsed.get("backlog")
+    if backlog is not None:
+        _check_number(backlog, "the backlog", 1, 65535)
+    if parsed.kind == "systemd":
+        _check_systemd(parsed)
+    try:
+        serverFromString(MemoryReactor(), description)
+    except TypeError as e:
+        raise ValueError(_option_problem(parsed.kind, str(e))) from None
+    except Exception as e:
+        raise ValueError(_one_line(e)) from None
+    return parsed
+
+
+def _check_number(text: str, what: str, low: int, high: int) -> None:
+    if not (text.isdigit() and low <= int(text) <= high):
+        raise ValueError(f"{what} {text!r} is not a number from {low} to {high}")
+
+
+def _check_systemd(parsed: EndpointDescription) -> None:
+    """A C{systemd:} endpoint names a socket systemd really passed us."""
+    domain, name, index = parsed.get("domain"), parsed.get("name"), parsed.get("index")
+    if domain not in ("INET", "INET6", "UNIX"):
+        raise ValueError(f"domain must be INET, INET6 or UNIX, not {domain!r}")
+    if (name is None) == (index is None):
+        raise ValueError("give exactly one of name=NAME (preferred) and index=N")
+    if index is not None:
+        _check_number(index, "the index", 0, 1023)
+    # Twisted reads (and removes) LISTEN_FDS and LISTEN_FDNAMES when it is
+    # imported; building the endpoint says whether the socket is among them.
+    try:
+        serverFromString(MemoryReactor(), _systemd_description(parsed))
+    except (KeyError, IndexError):
+        which = f"named {name!r}" if name is not None else f"number {index}"
+        raise ValueError(
+            f"systemd passed no socket {which} (LISTEN_FDS/LISTEN_FDNAMES): start the "
+            "daemon from its .socket unit or under systemd-socket-activate"
+            + (f" --fdname={name}" if name is not None else "")
+            + ", or listen with a tcp: or unix: endpoint"
+        ) from None
+
+
+def _systemd_description(parsed: EndpointDescription) -> str:
+    return ":".join(["systemd"] + [f"{k}={_escape(v)}" for k, v in parsed.kwargs])
+
+
+def _option_problem(kind: str, message: str) -> str:
+    """Twisted's TypeError about a parser's arguments, said in terms of the description."""
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if unknown:
+        return f"{kind} endpoints have no option {unknown.group(1)!r}"
+    repeated = re.search(r"multiple values for argument '(\w+)'", message)
+    if repeated:
+        return (
+            f"{repeated.group(1)!r} is given twice (escape ':' inside a value as '\\:', "
+            "e.g. interface=\\:\\:1)"
+        )
+    return " ".join(message.split())
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def tcp_endpoint(address: str) -> str:
     """
     The endpoint for the seed's ``--tcp-address=HOST:PORT`` (``[::1]:PORT`` for
@@ -190,7 +282,12 @@ def prepare_unix_socket(path: str, socket_mode: int) -> None:
         C{path} exists and is not a socket.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=_directory_mode(socket_mode), exist_ok=True)
+    try:
+        os.makedirs(directory, mode=_directory_mode(socket_mode), exist_ok=True)
+    except OSError as e:
+        raise CannotListenError(
+            "unix", path, f"cannot create the socket's directory {directory}: {e.strerror or e}"
+        ) from None
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -205,13 +302,80 @@ def prepare_unix_socket(path: str, socket_mode: int) -> None:
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise CannotListenError("unix", path, e) from e
     else:
-        raise CannotListenError(
-            "unix", path, "another server (a live registry?) is answering on this socket"
-        )
+        why = "another server (a live registry?) is answering on this socket"
+        if st.st_uid != os.geteuid():
+            why += (
+                f", and the socket belongs to uid {st.st_uid}, not to this daemon's uid "
+                f"{os.geteuid()}"
+            )
+            if _world_writable(directory):
+                why += (
+                    f": in {directory} any local user can take this path first; "
+                    "keep the socket in a protected directory such as /var/run/hsu"
+                )
+        raise CannotListenError("unix", path, why)
     finally:
         probe.close()
     Logger().info("Removing stale socket {path}", path=path)
     os.remove(path)
+
+
+def _explain_lock(path: str, error: CannotListenError) -> CannotListenError:
+    """
+    Twisted's "Cannot acquire lock" for a unix socket, said so that one can
+    act on it: which process holds C{PATH.lock}, and whether it is a zombie
+    (a killed daemon its parent has not reaped yet).
+    """
+    if str(error.socketError) != "Cannot acquire lock":
+        return error
+    lock = path + ".lock"
+    try:
+        pid = int(os.readlink(lock))
+    except (OSError, ValueError):
+        return CannotListenError(
+            "unix", path, f"another process holds the socket's lock file {lock}"
+        )
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        state = b""
+    if state == b"Z":
+        why = (
+            f"process {pid} holds the socket's lock file {lock}: it has exited but its "
+            "parent has not reaped it yet (a killed registry?); start again once it is gone"
+        )
+    else:
+        why = (
+            f"process {pid} holds the socket's lock file {lock}: a registry is still "
+            "running on this socket; stop it first"
+        )
+    return CannotListenError("unix", path, why)
+
+
+def _world_writable(directory: str) -> bool:
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
+
+
+#: Where the original's Go client looks for the registry with default options.
+GO_CLIENT_DEFAULT_SOCKET = "/tmp/hsu-registry.sock"
+
+
+def go_client_hint(paths: Iterable[str]) -> str | None:
+    """
+    The one line a Go module with default options needs, when none of the
+    unix sockets the daemon listens on is where the Go client looks.
+    """
+    paths = list(paths)
+    if not paths or GO_CLIENT_DEFAULT_SOCKET in paths:
+        return None
+    return (
+        f"Go clients with default options dial unix://{GO_CLIENT_DEFAULT_SOCKET}: give them "
+        f'ServiceRegistryClientOptions{{URL: "unix://{paths[0]}"}}'
+    )
 
 
 def describe_port(port: IListeningPort) -> str:
@@ -251,6 +415,8 @@ class ListenerService(StreamServerEndpointService):
             old = os.umask(0o177)
             try:
                 super().privilegedStartService()
+            except CannotListenError as e:
+                raise _explain_lock(path, e) from None
             finally:
                 os.umask(old)
         waiting = self._waitingForPort

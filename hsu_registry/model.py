@@ -421,9 +421,11 @@ def parse_publish_body(body: bytes, limits: Limits = DEFAULT_LIMITS) -> PublishR
     if not 0 <= process_id <= limits.max_process_id:
         raise InvalidRequest(f"processID must be between 0 and {limits.max_process_id}")
 
+    # Go's client sends ``"apis": null`` for a module with no APIs (a nil
+    # slice), and the original registers it: null, like absent, is none.
     apis = obj.get("apis")
     if apis is None:
-        raise InvalidRequest("apis is required (it may be an empty list)")
+        apis = []
     if not isinstance(apis, list):
         raise InvalidRequest("apis must be a list")
     if len(apis) > limits.max_apis:

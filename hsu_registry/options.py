@@ -15,7 +15,7 @@ from twisted.python import usage
 from hsu_registry import __version__
 from hsu_registry.config import RegistryConfig
 from hsu_registry.durations import parse_duration
-from hsu_registry.endpoints import DEFAULT_ENDPOINT, parse_description, tcp_endpoint, unix_endpoint
+from hsu_registry.endpoints import DEFAULT_ENDPOINT, check_description, tcp_endpoint, unix_endpoint
 from hsu_registry.stores import parse_store_spec
 from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
 
@@ -114,9 +114,9 @@ class Options(usage.Options):
         tcp:17951:interface=127.0.0.1.  Example: unix:/var/run/hsu/registry.sock:mode=600
         """
         try:
-            parse_description(description)
+            check_description(description)
         except ValueError as e:
-            raise usage.UsageError(str(e)) from None
+            raise usage.UsageError(f"--endpoint={description}: {e}") from None
         self["endpoints"].append(description)
 
     def opt_version(self) -> None:

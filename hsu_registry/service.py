@@ -18,10 +18,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
+from hsu_registry import __version__
 from hsu_registry.checks.service import HealthCheckService
 from hsu_registry.config import RegistryConfig
-from hsu_registry.endpoints import ListenerService
+from hsu_registry.endpoints import ListenerService, go_client_hint
 from hsu_registry.gctune import freeze_long_lived
+from hsu_registry.hangup import reopen_log_files
 from hsu_registry.interfaces import IProcessMonitor, IStore
 from hsu_registry.registry import Registry
 from hsu_registry.stores import parse_store_spec
@@ -185,6 +187,8 @@ class RegistryService(MultiService):
     their own Site (with C{endpoints=()} it listens nowhere itself).
     """
 
+    log = Logger()
+
     def __init__(self, config: RegistryConfig, reactor: Any) -> None:
         super().__init__()
         self.config = config
@@ -220,7 +224,31 @@ class RegistryService(MultiService):
             listener.setServiceParent(self)
             self.listeners.append(listener)
 
+    _announced = False
+
+    def _announce(self) -> None:
+        """Log the daemon's version and settings once, as its first log line."""
+        if self._announced:
+            return
+        self._announced = True
+        self.log.info(
+            "hsu-registry {version} starting: store {store}, endpoints {endpoints}",
+            version=__version__,
+            store=self.config.store,
+            endpoints=", ".join(self.config.endpoints) or "(none: mounted by the host)",
+        )
+        hint = go_client_hint(
+            path for path in (listener.parsed.unix_path for listener in self.listeners) if path
+        )
+        if hint is not None:
+            self.log.info("{hint}", hint=hint)
+
+    def privilegedStartService(self) -> None:
+        self._announce()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self._announce()
         super().startService()
         if self.config.freeze_gc:
             freeze_long_lived()
@@ -234,6 +262,22 @@ class RegistryService(MultiService):
         # The listeners are down: end the connections they accepted, so no
         # kept-alive client goes on talking to a stopped registry.
         return stopped.addCallback(lambda _: self.site.close_connections())
+
+    def reload(self) -> list[str]:
+        """
+        What SIGHUP does: reopen the log files (after logrotate moved them)
+        and reload what can be reloaded, and log it.  Nothing else of the
+        configuration is reloadable yet.
+
+        @return: the log files reopened.
+        """
+        reopened = reopen_log_files()
+        self.log.info(
+            "Reloaded on SIGHUP: {what}; nothing else to reload",
+            what=f"reopened {', '.join(reopened)}" if reopened else "no log file to reopen",
+            reopened=reopened,
+        )
+        return reopened
 
     def resource(self) -> IResource:
         """The API as a resource, for mounting under a host application's Site."""

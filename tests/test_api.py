@@ -15,6 +15,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from hsu_registry import __version__
 from hsu_registry.errors import InvalidRequest
 from hsu_registry.model import validate_id
 from hsu_registry.registry import Registry
@@ -123,7 +124,10 @@ class SeedContractTests(APITestCase):
         self.assertIsNotNone(self.registry.get("test"))
 
     def test_health(self) -> None:
-        """GET /api/v1/health answers status, counts and a Go-style uptime."""
+        """
+        GET /api/v1/health answers status, counts and a Go-style uptime (the
+        seed's four fields, in its order), then the daemon's version.
+        """
         self.publish(publish_body("a"))
         self.publish(
             {
@@ -138,7 +142,8 @@ class SeedContractTests(APITestCase):
         response = self.successResultOf(self.treq.get(BASE + "/health"))
         self.assertEqual(
             self.successResultOf(response.content()),
-            b'{"status":"healthy","registeredModules":2,"totalAPIs":3,"uptime":"2h30m15s"}',
+            b'{"status":"healthy","registeredModules":2,"totalAPIs":3,"uptime":"2h30m15s",'
+            b'"version":"' + __version__.encode() + b'"}',
         )
 
     def test_go_client_pascal_case(self) -> None:
@@ -242,7 +247,6 @@ class BadInputTests(APITestCase):
             ({"moduleID": "test", "processID": "1", "apis": []}, "processID"),
             ({"moduleID": "test", "processID": -1, "apis": []}, "processID"),
             ({"moduleID": "test", "apis": {}}, "apis"),
-            ({"moduleID": "test"}, "apis"),
             (
                 {
                     "moduleID": "test",
@@ -313,7 +317,8 @@ class ErrorShapeTests(APITestCase):
         self.assertError(
             self.request("GET", "http://registry.invalid/nope"), 404, "no such endpoint"
         )
-        self.assertError(self.request("GET", "/discover/"), 404)
+        # An empty module ID is not an unknown path: the original's 400.
+        self.assertError(self.request("GET", "/discover/"), 400, "module ID is required")
 
     def test_wrong_method(self) -> None:
         """A wrong method answers a JSON 405 with an Allow header."""

@@ -494,9 +494,14 @@ class PublishRefusalTests(SynchronousTestCase):
 
     # -- apis ----------------------------------------------------------------
 
-    def test_apisMissing(self) -> None:
-        self.assertRefused(_without(_body(), "apis"), "apis", "required")
-        self.assertRefused(_body(apis=None), "apis", "required")
+    def test_apisMissingOrNull(self) -> None:
+        """
+        C{"apis": null} (what Go's client sends for a nil slice) and a missing
+        C{apis}, like every other null or absent field, mean none: the module
+        is registered with no APIs, as the original does.
+        """
+        for body in (_without(_body(), "apis"), _body(apis=None)):
+            self.assertEqual(parse_publish_body(_dumps(body)).apis, ())
 
     def test_apisNotList(self) -> None:
         for value in [{}, _api(), "grpc", 1, True]:

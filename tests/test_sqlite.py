@@ -180,9 +180,11 @@ class RefusalTests(SynchronousTestCase):
         self.assertIn(path, str(error))
 
     def test_missing_directory(self) -> None:
+        """A missing state directory is created, private (0700), with the file in it."""
         path = os.path.join(self.mktemp(), "nowhere", "registry.db")
-        error = self.assertRaises(StoreError, check_database, path)
-        self.assertIn("does not exist", str(error))
+        check_database(path)
+        self.assertTrue(os.path.isfile(path))
+        self.assertEqual(os.stat(os.path.dirname(path)).st_mode & 0o777, 0o700)
 
     def test_new_file_created(self) -> None:
         """A missing file is created with the current schema."""

@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_client_urls -*-
 """
-Registry URLs: ``tcp://host:port``, ``http://host:port`` and
-``unix:///path/to/registry.sock``, defaulting to ``HSU_REGISTRY_URL`` and then
-to the daemon's own default address.
+Registry URLs: ``tcp://host:port``, ``http://host:port`` (either with a base
+path, for a registry mounted under a host application's Site, e.g.
+``http://127.0.0.1:18080/registry``) and ``unix:///path/to/registry.sock``
+(``uds://`` as the Go client also accepts), defaulting to ``HSU_REGISTRY_URL``
+and then to the daemon's own default address.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class RegistryAddress:
     host: str | None = None
     port: int | None = None
     path: str | None = None
+    # The path the API is mounted under ("" at the root, else "/registry"...).
+    prefix: str = ""
 
     @property
     def is_unix(self) -> bool:
@@ -34,11 +38,15 @@ class RegistryAddress:
 
     @property
     def base(self) -> bytes:
-        """The HTTP URL prefix requests are made against."""
+        """The HTTP URL prefix requests are made against (base path included)."""
         if self.path is not None:
             return b"http://localhost"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"http://{host}:{self.port}".encode("ascii")
+        return f"http://{host}:{self.port}{self.prefix}".encode("ascii")
+
+    def target(self, path: str) -> str:
+        """The request target for an API path such as ``/api/v1/health``."""
+        return self.prefix + path
 
 
 def parse_registry_url(
@@ -61,7 +69,7 @@ def parse_registry_url(
     except ValueError as e:
         raise ValueError(f"invalid registry URL {url!r}: {e}") from None
     scheme = parts.scheme.lower()
-    if scheme == "unix":
+    if scheme in ("unix", "uds"):
         path = parts.path
         if parts.netloc not in ("", "localhost") or not path.startswith("/"):
             raise ValueError(
@@ -71,10 +79,14 @@ def parse_registry_url(
     if scheme in ("tcp", "http"):
         if not parts.hostname or not port:
             raise ValueError(f"invalid registry URL {url!r}: expected {scheme}://HOST:PORT")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-            raise ValueError(f"invalid registry URL {url!r}: expected {scheme}://HOST:PORT only")
-        return RegistryAddress(url=url, host=parts.hostname, port=port)
+        if parts.query or parts.fragment or parts.username or not parts.path.isascii():
+            raise ValueError(
+                f"invalid registry URL {url!r}: expected {scheme}://HOST:PORT[/BASE/PATH] "
+                "(no query, fragment, user or non-ASCII characters)"
+            )
+        prefix = parts.path.rstrip("/")
+        return RegistryAddress(url=url, host=parts.hostname, port=port, prefix=prefix)
     raise ValueError(
         f"unsupported registry URL scheme in {url!r}: use tcp://HOST:PORT, "
-        "http://HOST:PORT or unix:///path/to/registry.sock"
+        "http://HOST:PORT[/BASE/PATH] or unix:///path/to/registry.sock"
     )

@@ -115,7 +115,15 @@ def check_database(path: str) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise StoreError(f"cannot use {path}: the directory {directory} does not exist")
+        # A fresh machine has no state directory yet: make it private, as the
+        # unix socket's directory is made.
+        try:
+            os.makedirs(directory, mode=0o700)
+        except OSError as e:
+            raise StoreError(
+                f"cannot use {path}: cannot create its directory {directory}: {e.strerror or e}"
+            ) from None
+        Logger().info("Created the state directory {directory} (mode 0700)", directory=directory)
     try:
         connection = _connect(path)
     except sqlite3.Error as e:

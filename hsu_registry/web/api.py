@@ -20,6 +20,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from hsu_registry import __version__
 from hsu_registry.durations import format_duration, parse_duration
 from hsu_registry.errors import InvalidRequest, ModuleNotFound, RegistryError
 from hsu_registry.interfaces import IRegistry
@@ -97,6 +98,18 @@ class RegistryAPI:
         if passing and registration.has_checks:
             body = encode_discover(module_id, tuple(a for a in registration.apis if a.passing))
         return json_response(request, body)
+
+    # The original answers an empty ID with 400 "module ID is required",
+    # which its Go client reports as a validation error, not "not found".
+    @app.route("/api/v1/discover/", methods=["GET"])
+    @app.route("/api/v1/unpublish/", methods=["DELETE"])
+    @app.route("/api/v1/heartbeat/", methods=["PUT"])
+    def missing_module_id(self, request: IRequest) -> bytes:
+        raise InvalidRequest("module ID is required", {"path": _path_of(request)})
+
+    @app.route("/api/v1/services/", methods=["GET"])
+    def missing_service_id(self, request: IRequest) -> bytes:
+        raise InvalidRequest("service ID is required", {"path": _path_of(request)})
 
     @app.route("/api/v1/unpublish/<moduleID>", methods=["DELETE"])
     def unpublish(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
@@ -258,6 +271,8 @@ class RegistryAPI:
                     "registeredModules": status.registered_modules,
                     "totalAPIs": status.total_apis,
                     "uptime": format_duration(status.uptime),
+                    # An extra field after the seed's four, which keep their order.
+                    "version": __version__,
                 }
             ),
         )
@@ -282,9 +297,7 @@ class RegistryAPI:
                 {"allowed": allowed},
             )
         if isinstance(error, NotFound):
-            return error_response(
-                request, 404, "no such endpoint", {"path": request.path.decode("utf-8", "replace")}
-            )
+            return error_response(request, 404, "no such endpoint", {"path": _path_of(request)})
         if isinstance(error, HTTPException):
             return error_response(request, error.code or 400, error.name)
         self.log.failure(
@@ -299,6 +312,10 @@ class RegistryAPI:
     def _klein_failed(self, request: IRequest, failure: Failure) -> bytes:
         # For hosts that serve ``app.resource()`` (Klein's own glue) directly.
         return self.failed(request, failure)
+
+
+def _path_of(request: IRequest) -> str:
+    return request.path.decode("utf-8", "replace")
 
 
 def _peer_of_request(request: IRequest) -> int | None:

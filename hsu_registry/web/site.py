@@ -91,6 +91,32 @@ class _BoundedChannel(HTTPChannel):
         self.transport.write(_too_large_response(limit))
         self.loseConnection()
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        Twisted's answer to a request it cannot parse (a raw space or
+        non-ASCII byte in the request line, a malformed header, headers over
+        the size limit) is a bare 400: answer it as JSON like every other error.
+        """
+        assert self.transport is not None
+        self.transport.write(_BAD_REQUEST)
+        self.loseConnection()
+
+
+def _bad_request_response() -> bytes:
+    body = error_body(
+        "malformed HTTP request: the request line or a header is not valid HTTP/1.1 "
+        "(percent-encode spaces and non-ASCII characters in the path)"
+    )
+    return (
+        b"HTTP/1.1 400 Bad Request\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % len(body)
+    ) + body
+
+
+_BAD_REQUEST = _bad_request_response()
+
 
 def _ignore(*args: Any) -> None:
     pass
