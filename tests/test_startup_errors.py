@@ -8,6 +8,7 @@ lock a zombie holds, and (end to end) twistd on a port in use.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hsu_registry.endpoints import (
     GO_CLIENT_DEFAULT_SOCKET,
@@ -176,6 +177,30 @@ class GoClientSocketTests(SynchronousTestCase):
         self.assertIn('URL: "unix:///var/run/hsu/registry.sock"', hint)
         self.assertIsNone(go_client_hint([GO_CLIENT_DEFAULT_SOCKET]))
         self.assertIsNone(go_client_hint([]))
+
+
+class ForeignSocketTests(SynchronousTestCase):
+    def test_another_users_socket_in_world_writable_directory(self) -> None:
+        """
+        Listening where the Go client looks (a world-writable directory such
+        as /tmp) when another user's server already answers there is refused
+        with a line that says whose socket it is and why that is a risk.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("making a socket another user's needs root (CI runs as root)")
+        directory = tempfile.mkdtemp(prefix="hsu", dir="/tmp")
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", directory], check=False))
+        os.chmod(directory, 0o1777)
+        path = os.path.join(directory, "hsu-registry.sock")
+        squatter = socket.socket(socket.AF_UNIX)
+        self.addCleanup(squatter.close)
+        squatter.bind(path)
+        squatter.listen(1)
+        os.chown(path, 65534, 65534)
+        error = self.assertRaises(CannotListenError, prepare_unix_socket, path, 0o600)
+        self.assertIn("belongs to uid 65534, not to this daemon's uid 0", str(error))
+        self.assertIn(f"in {directory} any local user can take this path first", str(error))
+        self.assertTrue(os.path.exists(path))
 
 
 class TwistdStartupTests(E2ETestCase):
