@@ -1,12 +1,15 @@
 # -*- test-case-name: tests.test_ctl -*-
 """
 The operator command ``hsu-registry-ctl``: ask a running registry for its
-health, publish, discover and unpublish a module, from a shell.
+health, list its modules, find a service's providers, publish, discover and
+unpublish a module, from a shell.
 
 It is built on L{BlockingRegistryClient} and the standard library only, so it
 starts quickly and installs no reactor::
 
     hsu-registry-ctl health
+    hsu-registry-ctl list
+    hsu-registry-ctl services echo.v1 --passing
     hsu-registry-ctl publish echo --service echo.v1 --port 50051 --protocol grpc
     hsu-registry-ctl --json discover echo
     hsu-registry-ctl unpublish echo --pid 1234
@@ -15,23 +18,26 @@ The registry is found with C{--url}, else C{$HSU_REGISTRY_URL}, else
 C{tcp://127.0.0.1:17951}.  C{--json} prints the registry's data as JSON in
 the seed's camelCase shape instead of a table.
 
-Exit codes: 0 success, 1 module not found, 2 usage error, 3 registry
-unreachable (or failing), 4 request refused by the registry.  Every error is
-one line on stderr, prefixed C{hsu-registry-ctl: }.
+Exit codes: 0 success, 1 module not found (or no provider of the service),
+2 usage error, 3 registry unreachable (or failing), 4 request refused by the
+registry.  Every error is one line on stderr, prefixed C{hsu-registry-ctl: }.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import io
 import json
 import math
 import os
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, NoReturn
 
+from hsu_registry import __version__
 from hsu_registry.client.blocking import BlockingRegistryClient
 from hsu_registry.client.errors import (
     ModuleNotFound,
@@ -39,8 +45,14 @@ from hsu_registry.client.errors import (
     RegistryRejected,
     RegistryUnavailable,
 )
-from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.model import (
+    RegisteredModule,
+    RemoteAPI,
+    RemoteModuleAPI,
+    ServiceProvider,
+)
 from hsu_registry.client.urls import DEFAULT_URL, ENVIRONMENT_VARIABLE, parse_registry_url
+from hsu_registry.durations import format_duration
 from hsu_registry.errors import InvalidRequest
 from hsu_registry.model import DEFAULT_LIMITS, validate_id
 
@@ -89,11 +101,34 @@ class _UsageError(Exception):
 
 
 class _Exit(Exception):
-    """argparse finished early (C{--help}) with this exit status."""
+    """argparse finished early (C{--help}, C{--version}) with this exit status."""
 
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
+
+
+class _NotFound(Exception):
+    """What was asked for is not there (exit 1, as for an unknown module); the message says what."""
+
+
+class _Version(argparse.Action):
+    """C{--version}: print the program and its version on the parser's stdout, then stop."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "print the version and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        assert isinstance(parser, _Parser)
+        print(f"{PROG} {__version__}", file=parser.stdout)
+        raise _Exit(EXIT_OK)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,13 +234,14 @@ def _add_global_options(parser: argparse.ArgumentParser, *, after_command: bool)
 def _build_parser(stdout: IO[str]) -> _Parser:
     parser = _Parser(
         prog=PROG,
-        description="Ask a running hsu-registry for its health, or publish, "
-        "discover and unpublish a module's APIs.",
-        epilog="Exit codes: 0 success, 1 module not found, 2 usage error, "
-        "3 registry unreachable, 4 request refused.",
+        description="Ask a running hsu-registry for its health, its modules or a "
+        "service's providers, or publish, discover and unpublish a module's APIs.",
+        epilog="Exit codes: 0 success, 1 module not found (or no provider of the service), "
+        "2 usage error, 3 registry unreachable, 4 request refused.",
         allow_abbrev=False,
         stdout=stdout,
     )
+    parser.add_argument("--version", action=_Version)
     _add_global_options(parser, after_command=False)
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, title="commands"
@@ -219,6 +255,7 @@ def _build_parser(stdout: IO[str]) -> _Parser:
         return sub
 
     command("health", "Show the registry's health.")
+    command("list", "List every registered module: its process, APIs, age and state.")
 
     publish = command("publish", "Publish one API of a module.")
     publish.add_argument("module", metavar="MODULE", help="the module ID")
@@ -268,6 +305,14 @@ def _build_parser(stdout: IO[str]) -> _Parser:
         help="only the APIs whose health check passes (or that have none)",
     )
 
+    services = command("services", "Show the modules that serve a service, and their APIs.")
+    services.add_argument("service", metavar="SERVICE_ID", help="the service ID")
+    services.add_argument(
+        "--passing",
+        action="store_true",
+        help="only the APIs whose health check passes (or that have none)",
+    )
+
     watch = command("watch", "Print the registry's changes as they come (Ctrl-C to stop).")
     watch.add_argument(
         "--count",
@@ -294,6 +339,13 @@ def _build_parser(stdout: IO[str]) -> _Parser:
 def _module_id(value: str) -> str:
     try:
         return validate_id(value, "MODULE")
+    except InvalidRequest as e:
+        raise _UsageError(e.message) from None
+
+
+def _service_id(value: str) -> str:
+    try:
+        return validate_id(value, "SERVICE_ID")
     except InvalidRequest as e:
         raise _UsageError(e.message) from None
 
@@ -335,13 +387,16 @@ def _plan_health(args: argparse.Namespace) -> _Action:
             ("Total APIs", str(result.total_apis)),
             ("Uptime", result.uptime),
         ]
-        width = max(len(key) for key, _ in rows) + 1
-        data = {
+        data: dict[str, object] = {
             "status": result.status,
             "registeredModules": result.registered_modules,
             "totalAPIs": result.total_apis,
             "uptime": result.uptime,
         }
+        if result.version is not None:
+            rows.append(("Version", result.version))
+            data["version"] = result.version
+        width = max(len(key) for key, _ in rows) + 1
         return _Outcome(data, "\n".join(f"{key + ':':<{width}} {value}" for key, value in rows))
 
     return health
@@ -382,9 +437,42 @@ def _plan_discover(args: argparse.Namespace) -> _Action:
     def discover(client: BlockingRegistryClient) -> _Outcome:
         apis = client.find_module_apis(module_id, passing=args.passing)
         data = {"moduleID": module_id, "apis": [_answer_json(api) for api in apis]}
+        if not apis and args.passing and not args.json:
+            # None passes: say whether that is because it has none at all.
+            return _Outcome(data, _none_passing(module_id, client.find_module_apis(module_id)))
         return _Outcome(data, _apis_table(module_id, apis))
 
     return discover
+
+
+def _plan_list(args: argparse.Namespace) -> _Action:
+    def list_modules(client: BlockingRegistryClient) -> _Outcome:
+        modules = client.list_modules()
+        data = {"modules": [_module_json(module) for module in modules]}
+        return _Outcome(data, _modules_table(modules, _now()))
+
+    return list_modules
+
+
+def _plan_services(args: argparse.Namespace) -> _Action:
+    service_id = _service_id(args.service)
+    passing: bool = args.passing
+
+    def services(client: BlockingRegistryClient) -> _Outcome:
+        providers = client.find_service_providers(service_id, passing=passing)
+        if not providers:
+            everyone = client.find_service_providers(service_id) if passing else []
+            if everyone:
+                count = _count(len(everyone), "provider")
+                raise _NotFound(f"service {service_id} has {count} but none is passing yet")
+            raise _NotFound(f"no module provides service {service_id}")
+        data = {
+            "serviceID": service_id,
+            "providers": [_provider_json(provider) for provider in providers],
+        }
+        return _Outcome(data, _providers_table(providers))
+
+    return services
 
 
 def _plan_unpublish(args: argparse.Namespace) -> _Action:
@@ -444,6 +532,8 @@ def _watch(
 
 _COMMANDS: Mapping[str, Callable[[argparse.Namespace], _Action]] = {
     "health": _plan_health,
+    "list": _plan_list,
+    "services": _plan_services,
     "publish": _plan_publish,
     "discover": _plan_discover,
     "unpublish": _plan_unpublish,
@@ -460,6 +550,63 @@ def _answer_json(api: RemoteModuleAPI) -> dict[str, object]:
     return out
 
 
+def _module_json(module: RegisteredModule) -> dict[str, object]:
+    """A catalog entry as the registry answered it (C{GET /api/v1/modules})."""
+    out: dict[str, object] = {
+        "moduleID": module.module_id,
+        "apis": [_answer_json(api) for api in module.apis],
+        "processID": module.process_id,
+        "registeredAt": _rfc3339(module.registered_at),
+        "lastSeen": _rfc3339(module.last_seen),
+        "processBound": module.process_bound,
+    }
+    if module.process_bound and module.bound_pid is not None:
+        out["boundPID"] = module.bound_pid
+    out["state"] = module.state
+    if module.reason is not None:
+        out["reason"] = module.reason
+    return out
+
+
+def _provider_json(provider: ServiceProvider) -> dict[str, object]:
+    """A provider as the registry answered it (C{GET /api/v1/services/{serviceID}})."""
+    return {
+        "moduleID": provider.module_id,
+        "processID": provider.process_id,
+        "apis": [_answer_json(api) for api in provider.apis],
+        "state": provider.state,
+    }
+
+
+def _rfc3339(moment: datetime.datetime) -> str:
+    """The registry's own time format: RFC 3339 UTC with milliseconds."""
+    utc = moment.astimezone(datetime.timezone.utc)
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _now() -> datetime.datetime:
+    """The time ages are measured to (a function, so tests can move it)."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns of text lined up under their headings, two spaces apart."""
+    lines = [header, *rows]
+    widths = [max(len(row[column]) for row in lines) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in lines
+    )
+
+
+def _metadata_text(api: RemoteModuleAPI) -> str:
+    return ",".join(f"{k}={v}" for k, v in (api.metadata or {}).items()) or "-"
+
+
 def _apis_table(module_id: str, apis: Sequence[RemoteModuleAPI]) -> str:
     if not apis:
         return f"module {module_id} publishes no APIs"
@@ -467,22 +614,96 @@ def _apis_table(module_id: str, apis: Sequence[RemoteModuleAPI]) -> str:
     checked = any(api.status is not None for api in apis)
     if checked:
         header += ("STATUS",)
-    rows = [header] + [
+    rows = [
         (
             api.protocol,
             str(api.server_port),
             api.address or "-",
             ",".join(api.service_ids),
-            ",".join(f"{k}={v}" for k, v in (api.metadata or {}).items()) or "-",
+            _metadata_text(api),
         )
         + ((api.status or "-",) if checked else ())
         for api in apis
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
+    return _table(header, rows)
+
+
+def _none_passing(module_id: str, apis: Sequence[RemoteModuleAPI]) -> str:
+    """
+    Why C{discover --passing} found nothing: the module publishes no APIs,
+    or (told apart, as it means wait or look at the checks) none passes yet.
+    """
+    if not apis:
+        return f"module {module_id} publishes no APIs"
+    statuses = Counter(api.status or "unchecked" for api in apis)
+    if len(statuses) == 1:
+        summary = next(iter(statuses))
+    else:
+        summary = ", ".join(f"{number} {status}" for status, number in statuses.items())
+    label = "status" if len(apis) == 1 else "statuses"
+    return (
+        f"module {module_id} has {_count(len(apis), 'API')} "
+        f"but none is passing yet ({label}: {summary})"
     )
+
+
+def _process_text(process_id: int, bound: bool = False, bound_pid: int | None = None) -> str:
+    """A registration's process: '-' for none (0), and whether it lives with it."""
+    text = str(process_id) if process_id else "-"
+    if bound:
+        text += " (bound)" if bound_pid in (None, process_id) else f" (bound to {bound_pid})"
+    return text
+
+
+def _modules_table(modules: Sequence[RegisteredModule], now: datetime.datetime) -> str:
+    """
+    The catalog, one module a line; its APIs as C{service@port/protocol}
+    (one per service served), its age since it first registered, and the
+    state last, as a stale module's reason can be long.
+    """
+    if not modules:
+        return "no modules registered"
+    header = ("MODULE", "PROCESS", "APIS", "AGE", "STATE")
+    rows = [
+        (
+            module.module_id,
+            _process_text(module.process_id, module.process_bound, module.bound_pid),
+            ",".join(
+                f"{service}@{api.server_port}/{api.protocol}"
+                for api in module.apis
+                for service in api.service_ids
+            )
+            or "-",
+            format_duration((now - module.registered_at).total_seconds()),
+            f"{module.state}: {module.reason}" if module.reason else module.state,
+        )
+        for module in modules
+    ]
+    return _table(header, rows)
+
+
+def _providers_table(providers: Sequence[ServiceProvider]) -> str:
+    """A service's providers, one line for each of their APIs that serves it."""
+    header: tuple[str, ...] = ("MODULE", "PROCESS", "STATE", "PROTOCOL", "PORT", "ADDRESS")
+    header += ("METADATA",)
+    checked = any(api.status is not None for provider in providers for api in provider.apis)
+    if checked:
+        header += ("STATUS",)
+    rows = [
+        (
+            provider.module_id,
+            _process_text(provider.process_id),
+            provider.state,
+            api.protocol,
+            str(api.server_port),
+            api.address or "-",
+            _metadata_text(api),
+        )
+        + ((api.status or "-",) if checked else ())
+        for provider in providers
+        for api in provider.apis
+    ]
+    return _table(header, rows)
 
 
 # -- running -----------------------------------------------------------------
@@ -540,7 +761,7 @@ def run(
         if action is None:
             return _watch(client, args, out, err)
         outcome = action(client)
-    except ModuleNotFound as e:
+    except (ModuleNotFound, _NotFound) as e:
         return fail(EXIT_NOT_FOUND, e)
     except RegistryRejected as e:
         return fail(EXIT_REJECTED, _refusal(e))

@@ -6,6 +6,7 @@ registry on a real TCP port and a real unix socket, and their error paths
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import tempfile
@@ -174,6 +175,38 @@ class AsyncClientTests(RegistryServerMixin, TestCase):
         self.assertEqual(ports, [1, 3])
         self.assertRaises(ValueError, RemoteModuleAPI, "s", 1, "http", check={"tcp": False})
 
+    async def test_catalog_and_services(self) -> None:
+        """
+        list_modules() reads the catalog and find_service_providers() a
+        service's providers, with their APIs, process, times and state.
+        """
+        client = self.client(self.tcp_url)
+        self.assertEqual(await client.list_modules(), [])
+        other = RemoteAPI("other", [RemoteModuleAPI("service1", 1, "http", check={"tcp": True})])
+        await client.publish_apis([ECHO], process_id=42)
+        await client.publish_apis([other], process_id=0)
+        echo, second = await client.list_modules()
+        self.assertEqual(
+            (echo.module_id, echo.apis, echo.process_id, echo.state, echo.reason),
+            ("echo", ECHO.apis, 42, "ready", None),
+        )
+        self.assertEqual((echo.process_bound, echo.bound_pid), (False, None))
+        self.assertEqual(echo.registered_at.tzinfo, datetime.timezone.utc)
+        self.assertLessEqual(echo.registered_at, echo.last_seen)
+        self.assertEqual((second.module_id, second.apis[0].status), ("other", "unknown"))
+        providers = await client.find_service_providers("service1")
+        self.assertEqual(
+            [
+                (p.module_id, p.process_id, p.state, [a.server_port for a in p.apis])
+                for p in providers
+            ],
+            [("echo", 42, "ready", [50051]), ("other", 0, "ready", [1])],
+        )
+        passing = await client.find_service_providers("service1", passing=True)
+        self.assertEqual([p.module_id for p in passing], ["echo"])
+        self.assertEqual(await client.find_service_providers("nobody"), [])
+        self.assertRaises(ValueError, client.find_service_providers, "a/b")
+
     async def test_http_scheme(self) -> None:
         """http://host:port is the same as tcp://host:port."""
         client = self.client(self.tcp_url.replace("tcp://", "http://"))
@@ -295,6 +328,20 @@ class BlockingClientTests(RegistryServerMixin, TestCase):
         result = await self.in_thread(self.round_trip, self.unix_url)
         self.assertEqual(result, [list(ECHO.apis), 1, True, [409, "echo"]])
 
+    async def test_catalog_and_services(self) -> None:
+        """list_modules() and find_service_providers() work on the blocking client too."""
+        client = BlockingRegistryClient(self.unix_url)
+        self.addCleanup(client.close)
+        await self.in_thread(client.publish_apis, [ECHO], 7)
+        (echo,) = await self.in_thread(client.list_modules)
+        self.assertEqual((echo.module_id, echo.apis, echo.process_id), ("echo", ECHO.apis, 7))
+        self.assertEqual(echo.state, "ready")
+        (provider,) = await self.in_thread(client.find_service_providers, "web", True)
+        self.assertEqual(
+            (provider.module_id, provider.process_id, provider.apis), ("echo", 7, ECHO.apis[1:])
+        )
+        self.assertEqual(await self.in_thread(client.find_service_providers, "nobody"), [])
+
     async def test_shared_between_threads(self) -> None:
         """One client may be used from several threads at once."""
         client = BlockingRegistryClient(self.tcp_url)
@@ -405,6 +452,23 @@ class AnswerTests(TestCase):
             finally:
                 await port.stopListening()
 
+    async def test_malformed_lookups(self) -> None:
+        """A catalog or service answer unlike the registry's fails with RegistryUnavailable."""
+        body = b'{"modules": [{"moduleID": 1}], "providers": [{"moduleID": "m"}]}'
+        port = reactor.listenTCP(0, Site(_Canned(200, body)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"tcp://127.0.0.1:{port.getHost().port}"
+        client = RegistryClient(url, reactor)
+        self.addCleanup(client.close)
+        with self.assertRaises(RegistryUnavailable) as caught:
+            await client.list_modules()
+        self.assertIn("modules answer is malformed", str(caught.exception))
+        blocking = BlockingRegistryClient(url)
+        error = await deferToThread(_error_of, blocking.find_service_providers, "s")
+        self.assertIsInstance(error, RegistryUnavailable)
+        self.assertIn("services answer is malformed", str(error))
+        await deferToThread(blocking.close)
+
 
 class ConstructionTests(SynchronousTestCase):
     def test_bad_urls(self) -> None:
@@ -417,7 +481,10 @@ class ConstructionTests(SynchronousTestCase):
             "",
             "tcp://h:0",
             "tcp://h:99999",
-            "http://h:1/path",
+            "http://h:1/path?query=1",
+            "http://h:1/path#fragment",
+            "http://user@h:1/path",
+            "http://h:1/caf\u00e9",
         ):
             self.assertRaises(ValueError, BlockingRegistryClient, url)
             self.assertRaises(ValueError, RegistryClient, url, MemoryReactorClock())

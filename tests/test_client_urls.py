@@ -14,6 +14,7 @@ from twisted.web.server import Site
 
 from hsu_registry.client import BlockingRegistryClient, RegistryClient, parse_registry_url
 from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.protocol import health_call
 from hsu_registry.registry import Registry
 from hsu_registry.stores.memory import MemoryStore
 from hsu_registry.web.api import RegistryAPI
@@ -41,6 +42,15 @@ class ParseTests(SynchronousTestCase):
         """C{$HSU_REGISTRY_URL} takes a base path too."""
         address = parse_registry_url(None, {"HSU_REGISTRY_URL": "http://127.0.0.1:18080/registry"})
         self.assertEqual(address.prefix, "/registry")
+
+
+class HealthVersionTests(SynchronousTestCase):
+    def test_version(self) -> None:
+        """The daemon's version in the health answer reaches the clients; the original has none."""
+        seed = b'{"status":"healthy","registeredModules":0,"totalAPIs":0,"uptime":"1s"}'
+        self.assertIsNone(health_call().interpret(200, seed).version)
+        ours = seed[:-1] + b',"version":"0.1.0"}'
+        self.assertEqual(health_call().interpret(200, ours).version, "0.1.0")
 
 
 class MountedRegistryTests(TestCase):

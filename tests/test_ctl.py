@@ -9,6 +9,8 @@ reactor thread.
 
 from __future__ import annotations
 
+import datetime
+import http.client
 import io
 import json
 import os
@@ -25,7 +27,8 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from hsu_registry import ctl
+from hsu_registry import __version__, ctl
+from hsu_registry.client.model import RegisteredModule
 from hsu_registry.config import RegistryConfig
 from hsu_registry.ctl import (
     EXIT_NOT_FOUND,
@@ -132,6 +135,36 @@ class CtlTests(TestCase):
     async def json_of(self, *argv: str) -> Any:
         return json.loads(await self.ok(*argv, "--json"))
 
+    async def raw(self, path: str) -> Any:
+        """The registry's own JSON answer to C{GET path}, for comparison with --json."""
+        port = int(self.tcp_url.rpartition(":")[2])
+
+        def get() -> Any:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                connection.request("GET", path)
+                return json.loads(connection.getresponse().read())
+            finally:
+                connection.close()
+
+        return await deferToThread(get)
+
+    async def publish_checked(self, module_id: str, *ports: int) -> None:
+        """Publish C{module_id} with one TCP-checked API of service C{s} on each port."""
+        apis = [
+            {"serviceIDs": ["s"], "serverPort": port, "protocol": "http", "check": {"tcp": True}}
+            for port in ports
+        ]
+        body = json.dumps({"moduleID": module_id, "apis": apis}).encode()
+        await self.service.registry.publish(parse_publish_body(body))
+
+    async def set_status(self, module_id: str, index: int, status: str) -> None:
+        registration = self.service.registry.get(module_id)
+        assert registration is not None
+        target = registration.apis[index].check_target()
+        assert target is not None
+        await self.service.registry.set_status(module_id, index, target, status)
+
     # -- each subcommand, on both transports --------------------------------
 
     async def check_lifecycle(self, url: str) -> None:
@@ -139,7 +172,10 @@ class CtlTests(TestCase):
         self.assertEqual(await self.json_of("--url", url, *PUBLISH_ECHO), {"success": True})
         self.assertEqual(await self.json_of("--url", url, "discover", "echo"), ECHO_DISCOVERED)
         health = await self.json_of("--url", url, "health")
-        self.assertEqual(sorted(health), ["registeredModules", "status", "totalAPIs", "uptime"])
+        self.assertEqual(
+            sorted(health), ["registeredModules", "status", "totalAPIs", "uptime", "version"]
+        )
+        self.assertEqual(health["version"], __version__)
         self.assertEqual(
             (health["status"], health["registeredModules"], health["totalAPIs"]),
             ("healthy", 1, 1),
@@ -187,6 +223,14 @@ class CtlTests(TestCase):
         dead = f"tcp://127.0.0.1:{refusing_port(self)}"
         out = await self.ok("--url", dead, "health", "--url", self.tcp_url)
         self.assertIn("Status:", out)
+
+    async def test_version(self) -> None:
+        """--version prints the program's name and version and exits 0, needing no registry."""
+        dead = f"tcp://127.0.0.1:{refusing_port(self)}"
+        self.assertEqual(await self.ok("--version"), f"hsu-registry-ctl {__version__}\n")
+        self.assertEqual(
+            await self.ok("--url", dead, "--version"), f"hsu-registry-ctl {__version__}\n"
+        )
 
     async def test_help(self) -> None:
         """--help prints usage on stdout and exits 0."""
@@ -243,6 +287,31 @@ class CtlTests(TestCase):
         answer = json.loads(await self.ok("--url", self.tcp_url, "--json", "discover", "web"))
         self.assertEqual([api.get("status") for api in answer["apis"]], ["critical", None])
 
+    async def test_discover_passing_none_yet(self) -> None:
+        """
+        discover --passing on a module whose checked APIs do not pass (yet)
+        says so, with their statuses, instead of claiming it publishes no APIs.
+        """
+        await self.publish_checked("web", 81)
+        out = await self.ok("--url", self.tcp_url, "discover", "--passing", "web")
+        self.assertEqual(out, "module web has 1 API but none is passing yet (status: unknown)\n")
+        await self.publish_checked("pair", 81, 82)
+        await self.set_status("pair", 1, "critical")
+        out = await self.ok("--url", self.tcp_url, "discover", "--passing", "pair")
+        self.assertEqual(
+            out,
+            "module pair has 2 APIs but none is passing yet (statuses: 1 unknown, 1 critical)\n",
+        )
+        self.assertEqual(
+            await self.json_of("--url", self.tcp_url, "discover", "--passing", "pair"),
+            {"moduleID": "pair", "apis": []},
+        )
+        # A module with no APIs at all still publishes none, with --passing or not.
+        await self.service.registry.publish(parse_publish_body(b'{"moduleID": "e", "apis": []}'))
+        for extra in ((), ("--passing",)):
+            out = await self.ok("--url", self.tcp_url, "discover", "e", *extra)
+            self.assertEqual(out, "module e publishes no APIs\n")
+
     async def test_publish_with_check(self) -> None:
         """publish --check asks the registry to check the API; bad check options exit 2."""
         base = ["--url", self.tcp_url, "publish", "web", "--service", "s", "--port", "81"]
@@ -286,6 +355,132 @@ class CtlTests(TestCase):
         self.assertEqual(lines["Registered modules"], "1")
         self.assertEqual(lines["Total APIs"], "1")
         self.assertEqual(lines["Registry"], self.tcp_url)
+
+    async def test_list_table(self) -> None:
+        """
+        list prints one row per module: its process ('-' for none), its APIs
+        as service@port/protocol, its age since registration and its state.
+        """
+        await self.ok("--url", self.tcp_url, *PUBLISH_ECHO, "--pid", "7")
+        await self.service.registry.publish(parse_publish_body(b'{"moduleID": "e", "apis": []}'))
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=90)
+        self.patch(ctl, "_now", lambda: later)
+        out = await self.ok("--url", self.tcp_url, "list")
+        header, echo, empty = out.splitlines()
+        self.assertEqual(header.split(), ["MODULE", "PROCESS", "APIS", "AGE", "STATE"])
+        self.assertEqual(
+            echo.split(), ["echo", "7", "echo.v1@50051/grpc,echo.v2@50051/grpc", "1m30s", "ready"]
+        )
+        self.assertEqual(empty.split(), ["e", "-", "-", "1m30s", "ready"])
+        self.assertEqual(header.index("AGE"), echo.index("1m30s"))
+
+    async def test_list_stale_with_reason(self) -> None:
+        """A stale module's state says so, with the registry's reason."""
+        await self.ok("--url", self.tcp_url, *PUBLISH_ECHO)
+        self.service.registry.stale_after = 0.0
+        out = await self.ok("--url", self.tcp_url, "list")
+        state = out.splitlines()[1].split(None, 4)[4]
+        self.assertRegex(state, r"^stale: not seen since \S+Z \(stale after 0s\)$")
+
+    async def test_list_json(self) -> None:
+        """list --json prints the registry's catalog as it answered it."""
+        await self.ok("--url", self.tcp_url, *PUBLISH_ECHO, "--pid", "7")
+        await self.publish_checked("web", 81)
+        await self.set_status("web", 0, "critical")
+        listed = await self.json_of("--url", self.unix_url, "list")
+        self.assertEqual(listed, await self.raw("/api/v1/modules"))
+        self.assertEqual([m["moduleID"] for m in listed["modules"]], ["echo", "web"])
+
+    async def test_list_empty(self) -> None:
+        """An empty registry is one clear line, or an empty list in --json."""
+        self.assertEqual(await self.ok("--url", self.tcp_url, "list"), "no modules registered\n")
+        self.assertEqual(await self.json_of("--url", self.tcp_url, "list"), {"modules": []})
+
+    def test_list_process_column(self) -> None:
+        """A registration bound to its process says so in the PROCESS column."""
+        moment = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+        bound = RegisteredModule("m", (), 12, moment, moment, "ready", None, True, 12)
+        other = RegisteredModule("n", (), 12, moment, moment, "ready", None, True, 34)
+        table = ctl._modules_table([bound, other], moment + datetime.timedelta(hours=2))
+        self.assertEqual(
+            table.splitlines()[1:],
+            [
+                "m       12 (bound)        -     2h0m0s  ready",
+                "n       12 (bound to 34)  -     2h0m0s  ready",
+            ],
+        )
+
+    async def test_services_table(self) -> None:
+        """services prints one row per API serving the service, with its module and state."""
+        await self.ok("--url", self.tcp_url, *PUBLISH_ECHO, "--pid", "7")
+        await self.ok(
+            "--url", self.tcp_url, "publish", "other", "--service", "echo.v1",
+            "--port", "80", "--protocol", "http",
+        )  # fmt: skip
+        out = await self.ok("--url", self.tcp_url, "services", "echo.v1")
+        header, echo, other = out.splitlines()
+        self.assertEqual(
+            header.split(),
+            ["MODULE", "PROCESS", "STATE", "PROTOCOL", "PORT", "ADDRESS", "METADATA"],
+        )
+        self.assertEqual(
+            echo.split(),
+            ["echo", "7", "ready", "grpc", "50051", "10.0.0.5", "region=eu,tier=gold=1"],
+        )
+        self.assertEqual(other.split(), ["other", "-", "ready", "http", "80", "-", "-"])
+
+    async def test_services_passing_and_statuses(self) -> None:
+        """
+        Checked APIs get a STATUS column; --passing keeps the passing or
+        unchecked ones; --json is the registry's answer.
+        """
+        await self.publish_checked("web", 81, 82)
+        await self.set_status("web", 0, "passing")
+        await self.ok(
+            "--url", self.tcp_url, "publish", "plain", "--service", "s",
+            "--port", "80", "--protocol", "http",
+        )  # fmt: skip
+        out = await self.ok("--url", self.tcp_url, "services", "s")
+        self.assertEqual(
+            [(line.split()[0], line.split()[4], line.split()[-1]) for line in out.splitlines()],
+            [
+                ("MODULE", "PORT", "STATUS"),
+                ("web", "81", "passing"),
+                ("web", "82", "unknown"),
+                ("plain", "80", "-"),
+            ],
+        )
+        out = await self.ok("--url", self.tcp_url, "services", "s", "--passing")
+        self.assertEqual([line.split()[4] for line in out.splitlines()], ["PORT", "81", "80"])
+        for extra, query in (((), ""), (("--passing",), "?passing=true")):
+            self.assertEqual(
+                await self.json_of("--url", self.tcp_url, "services", "s", *extra),
+                await self.raw("/api/v1/services/s" + query),
+            )
+
+    async def test_services_stale(self) -> None:
+        """A stale provider is shown as stale."""
+        await self.ok("--url", self.tcp_url, *PUBLISH_ECHO)
+        self.service.registry.stale_after = 0.0
+        out = await self.ok("--url", self.tcp_url, "services", "echo.v2")
+        self.assertEqual(out.splitlines()[1].split()[:3], ["echo", "-", "stale"])
+
+    async def test_services_without_provider(self) -> None:
+        """
+        A service nobody provides exits 1 with one line (also with --json);
+        with --passing, providers whose APIs do not pass yet are counted.
+        """
+        line = await self.fails(EXIT_NOT_FOUND, "--url", self.tcp_url, "services", "nobody")
+        self.assertIn("no module provides service nobody", line)
+        await self.fails(EXIT_NOT_FOUND, "--url", self.tcp_url, "--json", "services", "nobody")
+        await self.publish_checked("web", 81)
+        line = await self.fails(EXIT_NOT_FOUND, "--url", self.tcp_url, "services", "s", "--passing")
+        self.assertIn("service s has 1 provider but none is passing yet", line)
+
+    async def test_invalid_service_id(self) -> None:
+        """A service ID the registry would refuse is a usage error, found before sending."""
+        line = await self.fails(EXIT_USAGE, "--url", self.tcp_url, "services", "a/b")
+        self.assertIn("SERVICE_ID", line)
 
     # -- where the registry is ----------------------------------------------
 

@@ -16,7 +16,12 @@ from hsu_registry.client.errors import (
     RegistryUnavailable,
 )
 from hsu_registry.client.events import WatchEvent
-from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.model import (
+    RegisteredModule,
+    RemoteAPI,
+    RemoteModuleAPI,
+    ServiceProvider,
+)
 from hsu_registry.client.protocol import Health
 from hsu_registry.client.urls import DEFAULT_URL, parse_registry_url
 
@@ -31,6 +36,7 @@ __all__ = [
     "Health",
     "ModuleNotFound",
     "PublishingService",
+    "RegisteredModule",
     "RegistryCache",
     "RegistryClient",
     "RegistryError",
@@ -38,6 +44,7 @@ __all__ = [
     "RegistryUnavailable",
     "RemoteAPI",
     "RemoteModuleAPI",
+    "ServiceProvider",
     "WatchEvent",
     "parse_registry_url",
 ]

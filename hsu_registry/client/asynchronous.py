@@ -22,7 +22,12 @@ from zope.interface import implementer
 
 from hsu_registry.client.errors import RegistryError, RegistryUnavailable
 from hsu_registry.client.events import WatchEvent
-from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.model import (
+    RegisteredModule,
+    RemoteAPI,
+    RemoteModuleAPI,
+    ServiceProvider,
+)
 from hsu_registry.client.protocol import (
     Call,
     Health,
@@ -30,7 +35,9 @@ from hsu_registry.client.protocol import (
     discover_call,
     health_call,
     heartbeat_call,
+    modules_call,
     publish_call,
+    services_call,
     unavailable,
     unpublish_call,
 )
@@ -157,6 +164,21 @@ class RegistryClient:
 
     def health(self) -> Deferred[Health]:
         return self._request(health_call())
+
+    def list_modules(self) -> Deferred[list[RegisteredModule]]:
+        """Every registration of the registry's catalog (C{GET /api/v1/modules})."""
+        return self._request(modules_call())
+
+    def find_service_providers(
+        self, service_id: str, passing: bool = False
+    ) -> Deferred[list[ServiceProvider]]:
+        """
+        The modules serving C{service_id}, each with its APIs that serve it
+        (with C{passing}, only the APIs whose health check passes, or that
+        have none, and only the modules left with one); an empty list when
+        nobody serves it.
+        """
+        return self._request(services_call(service_id, passing))
 
     def catalog(self) -> Deferred[Catalog]:
         """Every registration (C{GET /api/v1/modules}) with the change index and epoch."""

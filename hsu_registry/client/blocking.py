@@ -16,7 +16,12 @@ from typing import Any
 
 from hsu_registry.client.errors import RegistryError
 from hsu_registry.client.events import EventParser, WatchEvent
-from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.model import (
+    RegisteredModule,
+    RemoteAPI,
+    RemoteModuleAPI,
+    ServiceProvider,
+)
 from hsu_registry.client.protocol import (
     Call,
     Health,
@@ -24,7 +29,9 @@ from hsu_registry.client.protocol import (
     discover_call,
     health_call,
     heartbeat_call,
+    modules_call,
     publish_call,
+    services_call,
     unavailable,
     unpublish_call,
 )
@@ -99,7 +106,7 @@ class BlockingRegistryClient:
         reused = connection.sock is not None
         headers = {"Content-Type": "application/json"} if call.body is not None else {}
         try:
-            connection.request(call.method, call.path, call.body, headers)
+            connection.request(call.method, self.address.target(call.path), call.body, headers)
             response = connection.getresponse()
             data = response.read()
         except _STALE_CONNECTION:
@@ -165,6 +172,23 @@ class BlockingRegistryClient:
         result: Health = self._request(health_call())
         return result
 
+    def list_modules(self) -> list[RegisteredModule]:
+        """Every registration of the registry's catalog (C{GET /api/v1/modules})."""
+        result: list[RegisteredModule] = self._request(modules_call())
+        return result
+
+    def find_service_providers(
+        self, service_id: str, passing: bool = False
+    ) -> list[ServiceProvider]:
+        """
+        The modules serving C{service_id}, each with its APIs that serve it
+        (with C{passing}, only the APIs whose health check passes, or that
+        have none, and only the modules left with one); an empty list when
+        nobody serves it.
+        """
+        result: list[ServiceProvider] = self._request(services_call(service_id, passing))
+        return result
+
     def watch_events(
         self, last_index: int | None = None, epoch: str | None = None, idle_timeout: float = 45.0
     ) -> Iterator[WatchEvent]:
@@ -184,7 +208,7 @@ class BlockingRegistryClient:
         parser = EventParser()
         try:
             try:
-                connection.request("GET", "/api/v1/watch", headers=headers)
+                connection.request("GET", self.address.target("/api/v1/watch"), headers=headers)
                 response = connection.getresponse()
                 if response.status != 200:
                     health_call().interpret(response.status, response.read())

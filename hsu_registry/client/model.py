@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_client_model -*-
 """
 The client's view of registrations, as the seed's Go client names them:
-L{RemoteAPI} (a module and its APIs) and L{RemoteModuleAPI} (one endpoint).
+L{RemoteAPI} (a module and its APIs) and L{RemoteModuleAPI} (one endpoint);
+and of the catalog's answers: L{RegisteredModule} (one registration) and
+L{ServiceProvider} (a module serving a service).
 
 They are validated on construction with the server's own rules, so a record
 that can be built can be published.
@@ -9,6 +11,7 @@ that can be built can be published.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -18,7 +21,7 @@ from attrs import field, frozen
 from hsu_registry.errors import InvalidRequest
 from hsu_registry.model import STATUSES, ModuleAPI, parse_api, validate_id
 
-__all__ = ["RemoteAPI", "RemoteModuleAPI"]
+__all__ = ["RegisteredModule", "RemoteAPI", "RemoteModuleAPI", "ServiceProvider"]
 
 
 def _service_ids(value: Sequence[str] | str) -> tuple[str, ...]:
@@ -138,3 +141,110 @@ class RemoteAPI:
             "processID": process_id,
             "apis": [api.to_json() for api in self.apis],
         }
+
+
+def _integer(raw: Mapping[str, Any], key: str) -> int:
+    value = raw[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer")
+    return value
+
+
+def _text(raw: Mapping[str, Any], key: str) -> str:
+    value = raw[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string")
+    return value
+
+
+def _moment(raw: Mapping[str, Any], key: str) -> datetime.datetime:
+    text = _text(raw, key)
+    if text.endswith("Z"):  # Python 3.10's fromisoformat does not read it
+        text = text[:-1] + "+00:00"
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"{key} has no time zone")
+    return moment.astimezone(datetime.timezone.utc)
+
+
+def _answered_apis(raw: Mapping[str, Any]) -> tuple[RemoteModuleAPI, ...]:
+    apis = raw["apis"]
+    if not isinstance(apis, list):
+        raise ValueError("apis must be a list")
+    return tuple(RemoteModuleAPI.from_json(api) for api in apis)
+
+
+@frozen
+class RegisteredModule:
+    """
+    One registration of the registry's catalog (C{GET /api/v1/modules}): a
+    module's APIs with who registered it, when, and whether it is still
+    considered alive, so an operator can see the whole registry at once.
+
+    C{state} is C{ready}, or C{stale} with a C{reason}; C{bound_pid} is the
+    process the registration lives with when C{process_bound}.
+    """
+
+    module_id: str
+    apis: tuple[RemoteModuleAPI, ...] = field(converter=_api_tuple)
+    process_id: int
+    registered_at: datetime.datetime
+    last_seen: datetime.datetime
+    state: str
+    reason: str | None = None
+    process_bound: bool = False
+    bound_pid: int | None = None
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RegisteredModule:
+        """
+        Read one entry of the catalog answer.
+
+        @raise ValueError: when it is not a valid entry.
+        """
+        if not isinstance(raw, Mapping):
+            raise ValueError("a catalog entry must be an object")
+        reason = raw.get("reason")
+        bound_pid = raw.get("boundPID")
+        return cls(
+            module_id=_text(raw, "moduleID"),
+            apis=_answered_apis(raw),
+            process_id=_integer(raw, "processID"),
+            registered_at=_moment(raw, "registeredAt"),
+            last_seen=_moment(raw, "lastSeen"),
+            state=_text(raw, "state"),
+            reason=reason if isinstance(reason, str) else None,
+            process_bound=raw.get("processBound") is True,
+            bound_pid=bound_pid if isinstance(bound_pid, int) else None,
+        )
+
+
+@frozen
+class ServiceProvider:
+    """
+    A module serving a service (C{GET /api/v1/services/{serviceID}}): the
+    module, its process, its state (C{ready} or C{stale}) and those of its
+    APIs that serve the service, for callers that look up what they need
+    rather than who provides it.
+    """
+
+    module_id: str
+    process_id: int
+    apis: tuple[RemoteModuleAPI, ...] = field(converter=_api_tuple)
+    state: str
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ServiceProvider:
+        """
+        Read one provider of a service answer.
+
+        @raise ValueError: when it is not a valid provider.
+        """
+        if not isinstance(raw, Mapping):
+            raise ValueError("a provider must be an object")
+        return cls(
+            module_id=_text(raw, "moduleID"),
+            process_id=_integer(raw, "processID"),
+            apis=_answered_apis(raw),
+            state=_text(raw, "state"),
+        )

@@ -19,7 +19,12 @@ from hsu_registry.client.errors import (
     RegistryRejected,
     RegistryUnavailable,
 )
-from hsu_registry.client.model import RemoteAPI, RemoteModuleAPI
+from hsu_registry.client.model import (
+    RegisteredModule,
+    RemoteAPI,
+    RemoteModuleAPI,
+    ServiceProvider,
+)
 from hsu_registry.durations import parse_duration
 from hsu_registry.errors import InvalidRequest
 from hsu_registry.model import validate_id
@@ -30,7 +35,9 @@ __all__ = [
     "discover_call",
     "health_call",
     "heartbeat_call",
+    "modules_call",
     "publish_call",
+    "services_call",
     "unpublish_call",
 ]
 
@@ -43,6 +50,8 @@ class Health:
     registered_modules: int
     total_apis: int
     uptime: str
+    #: The daemon's version (None from a registry that does not say, as the original).
+    version: str | None = None
 
     @property
     def uptime_seconds(self) -> float:
@@ -71,7 +80,7 @@ class Call:
                 raise RegistryUnavailable(f"the registry's {self.operation} answer is not JSON")
             try:
                 return _RESULTS[self.operation](self, parsed)
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise RegistryUnavailable(
                     f"the registry's {self.operation} answer is malformed: {e}"
                 ) from None
@@ -119,7 +128,16 @@ def _health(call: Call, parsed: Any) -> Health:
         registered_modules=int(parsed["registeredModules"]),
         total_apis=int(parsed["totalAPIs"]),
         uptime=str(parsed["uptime"]),
+        version=str(parsed["version"]) if parsed.get("version") is not None else None,
     )
+
+
+def _modules(call: Call, parsed: Any) -> list[RegisteredModule]:
+    return [RegisteredModule.from_json(entry) for entry in parsed["modules"]]
+
+
+def _providers(call: Call, parsed: Any) -> list[ServiceProvider]:
+    return [ServiceProvider.from_json(entry) for entry in parsed["providers"]]
 
 
 _RESULTS = {
@@ -128,6 +146,8 @@ _RESULTS = {
     "heartbeat": _nothing,
     "discover": _apis,
     "health": _health,
+    "modules": _modules,
+    "services": _providers,
 }
 
 
@@ -181,6 +201,27 @@ def heartbeat_call(module_id: str, process_id: int | None) -> Call:
 
 def health_call() -> Call:
     return Call("health", "GET", "/api/v1/health")
+
+
+def modules_call() -> Call:
+    """The catalog request: every registration."""
+    return Call("modules", "GET", "/api/v1/modules")
+
+
+def services_call(service_id: str, passing: bool = False) -> Call:
+    """
+    The request for the providers of C{service_id}.
+
+    @raise ValueError: for a service ID the registry could never have accepted.
+    """
+    try:
+        validate_id(service_id, "service_id")
+    except InvalidRequest as e:
+        raise ValueError(e.message) from None
+    path = f"/api/v1/services/{quote(service_id, safe='')}"
+    if passing:
+        path += "?passing=true"
+    return Call("services", "GET", path)
 
 
 def unavailable(address: str, reason: object) -> RegistryError:
