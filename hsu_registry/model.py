@@ -28,6 +28,7 @@ __all__ = [
     "PASSING",
     "STATUSES",
     "UNKNOWN",
+    "UNKNOWN_OWNER",
     "CheckTarget",
     "Limits",
     "ModuleAPI",
@@ -171,11 +172,15 @@ def encode_discover(module_id: str, apis: tuple[ModuleAPI, ...]) -> bytes:
 
 
 # A registration as the registry and the memory store hold it: (module ID,
-# process ID, registration time, discover answer, number of APIs).  Only
+# process ID, registration time, discover answer, number of APIs, owner).  Only
 # atomic values, so the cyclic garbage collector stops tracking each one at
 # its first collection, and full collections stay short however many modules
 # are registered; the APIs live in the encoded discover answer.
-PlainRegistration = tuple[str, int, float, bytes, int]
+PlainRegistration = tuple[str, int, float, bytes, int, str]
+
+#: The owner of a registration whose creator is not known (stored before
+#: owners were recorded): the first identity allowed to publish it claims it.
+UNKNOWN_OWNER = ""
 
 
 @frozen
@@ -193,6 +198,9 @@ class Registration:
     registered_at: float
     discover_body: bytes = field(repr=False)
     api_count: int
+    #: The principal of the identity that created it (see
+    #: hsu_registry.security.identity): only it, or an admin, may change it.
+    owner: str = UNKNOWN_OWNER
 
     @classmethod
     def create(
@@ -201,10 +209,16 @@ class Registration:
         process_id: int,
         apis: tuple[ModuleAPI, ...],
         registered_at: float,
+        owner: str = UNKNOWN_OWNER,
     ) -> Registration:
         """A registration of C{apis}, encoding its discover answer."""
         return cls(
-            module_id, process_id, registered_at, encode_discover(module_id, apis), len(apis)
+            module_id,
+            process_id,
+            registered_at,
+            encode_discover(module_id, apis),
+            len(apis),
+            owner,
         )
 
     @property
@@ -229,6 +243,7 @@ class Registration:
             self.registered_at,
             self.discover_body,
             self.api_count,
+            self.owner,
         )
 
     @classmethod

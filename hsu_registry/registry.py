@@ -804,7 +804,11 @@ def _unchecked(api: ModuleAPI) -> ModuleAPI:
 
 def _with_apis(registration: Registration, apis: tuple[ModuleAPI, ...]) -> Registration:
     return Registration.create(
-        registration.module_id, registration.process_id, apis, registration.registered_at
+        registration.module_id,
+        registration.process_id,
+        apis,
+        registration.registered_at,
+        registration.owner,
     )
 
 

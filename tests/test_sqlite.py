@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hsu_registry.errors import StoreUnavailable
+from hsu_registry.model import Registration
 from hsu_registry.registry import Registry
 from hsu_registry.stores.sqlite import SCHEMA_VERSION, SQLiteStore, StoreError, check_database
 
@@ -243,3 +244,41 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual([c.module_id for c in expired], ["gone"])
         self.assertIsNotNone(registry.get("alive"))
         self.assertEqual([row[0] for row in _rows(path)], ["alive"])
+
+
+class MigrationTests(TestCase):
+    def test_schema_1_gains_owners(self) -> None:
+        """
+        A database written before owners were recorded (schema 1) is migrated
+        in place: its registrations load, with an unknown owner, and new
+        ones store theirs.
+        """
+        path = self.mktemp()
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute(
+            "CREATE TABLE registrations (module_id TEXT PRIMARY KEY, process_id INTEGER NOT"
+            " NULL, registered_at REAL NOT NULL, last_seen REAL NOT NULL, body BLOB NOT NULL,"
+            " api_count INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        connection.execute("PRAGMA application_id = 1213420882")
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute(
+            "INSERT INTO registrations VALUES ('old', 7, 1.0, 2.0, ?, 0)",
+            (b'{"moduleID":"old","apis":[]}',),
+        )
+        connection.close()
+        check_database(path)
+        store = SQLiteStore(path, reactor)
+        self.addCleanup(store.close)
+
+        async def go() -> None:
+            [record] = await store.load()
+            self.assertEqual(
+                (record.registration.module_id, record.registration.owner), ("old", "")
+            )
+
+            await store.save(Registration.create("new", 1, (), 3.0, owner="uid:1000"), 3.0)
+            rows = dict(sqlite3.connect(path).execute("SELECT module_id, owner FROM registrations"))
+            self.assertEqual(rows, {"old": "", "new": "uid:1000"})
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]

@@ -44,7 +44,8 @@ T = TypeVar("T")
 
 # "HSUR": marks the file as an hsu-registry database (PRAGMA application_id).
 APPLICATION_ID = 0x48535552
-SCHEMA_VERSION = 1
+# 2: the owner column (the identity that created each registration).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE registrations (
@@ -53,9 +54,15 @@ CREATE TABLE registrations (
     registered_at REAL NOT NULL,
     last_seen     REAL NOT NULL,
     body          BLOB NOT NULL,
-    api_count     INTEGER NOT NULL
+    api_count     INTEGER NOT NULL,
+    owner         TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 """
+
+# Each step takes a database from the version before it to its own.
+_MIGRATIONS = {
+    2: "ALTER TABLE registrations ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+}
 
 Executor = Callable[[Callable[[], T]], Deferred[T]]
 
@@ -102,6 +109,14 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
         connection.execute("BEGIN IMMEDIATE")
         connection.execute(_SCHEMA)
         connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    elif version < SCHEMA_VERSION:
+        # Registrations stored before owners were recorded keep an unknown
+        # owner: the first identity allowed to publish the module claims it.
+        connection.execute("BEGIN IMMEDIATE")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            connection.execute(_MIGRATIONS[step])
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         connection.execute("COMMIT")
 
@@ -197,19 +212,19 @@ class SQLiteStore:
             self.open()
         assert self._connection is not None
         rows = self._connection.execute(
-            "SELECT module_id, process_id, registered_at, body, api_count, last_seen "
+            "SELECT module_id, process_id, registered_at, body, api_count, owner, last_seen "
             "FROM registrations"
         ).fetchall()
         return succeed(
-            [StoredRegistration(Registration.from_plain(tuple(row[:5])), row[5]) for row in rows]
+            [StoredRegistration(Registration.from_plain(tuple(row[:6])), row[6]) for row in rows]
         )
 
     # -- writes, grouped -----------------------------------------------------
 
     def save(self, registration: Registration, last_seen: float) -> Deferred[None]:
-        module_id, process_id, registered_at, body, api_count = registration.plain()
+        module_id, process_id, registered_at, body, api_count, owner = registration.plain()
         return self._enqueue(
-            ("save", module_id, process_id, registered_at, last_seen, body, api_count)
+            ("save", module_id, process_id, registered_at, last_seen, body, api_count, owner)
         )
 
     def remove(self, module_ids: Iterable[str]) -> Deferred[None]:
@@ -253,7 +268,8 @@ class SQLiteStore:
                 if kind == "save":
                     connection.execute(
                         "INSERT OR REPLACE INTO registrations (module_id, process_id, "
-                        "registered_at, last_seen, body, api_count) VALUES (?, ?, ?, ?, ?, ?)",
+                        "registered_at, last_seen, body, api_count, owner) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
                         operation[1:],
                     )
                 elif kind == "remove":
