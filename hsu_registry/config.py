@@ -41,6 +41,9 @@ class RegistryConfig:
     store: str = "memory"
     access_log: bool = False
     limits: Limits = field(default=DEFAULT_LIMITS)
+    # Who may do what: None (the default policy), "open" (the original's
+    # behaviour, no ownership) or the path of a policy file.
+    policy: str | None = None
     # Freeze long-lived objects once started (see hsu_registry.gctune): the
     # daemon's commands turn it on; embedders decide for their own process.
     freeze_gc: bool = False

@@ -558,8 +558,10 @@ def _module_json(module: RegisteredModule) -> dict[str, object]:
         "processID": module.process_id,
         "registeredAt": _rfc3339(module.registered_at),
         "lastSeen": _rfc3339(module.last_seen),
-        "processBound": module.process_bound,
     }
+    if module.owner is not None:
+        out["owner"] = module.owner
+    out["processBound"] = module.process_bound
     if module.process_bound and module.bound_pid is not None:
         out["boundPID"] = module.bound_pid
     out["state"] = module.state
@@ -663,11 +665,12 @@ def _modules_table(modules: Sequence[RegisteredModule], now: datetime.datetime) 
     """
     if not modules:
         return "no modules registered"
-    header = ("MODULE", "PROCESS", "APIS", "AGE", "STATE")
+    header = ("MODULE", "PROCESS", "OWNER", "APIS", "AGE", "STATE")
     rows = [
         (
             module.module_id,
             _process_text(module.process_id, module.process_bound, module.bound_pid),
+            module.owner or "-",
             ",".join(
                 f"{service}@{api.server_port}/{api.protocol}"
                 for api in module.apis

@@ -13,12 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "Forbidden",
     "InvalidRequest",
     "ModuleNotFound",
     "NotOwner",
     "RegistryError",
     "RegistryFull",
     "StoreUnavailable",
+    "Unauthorized",
 ]
 
 
@@ -54,6 +56,22 @@ class ModuleNotFound(RegistryError):
         # Exactly the seed's body: no context (the ID is in the URL anyway).
         super().__init__("module not found")
         self.module_id = module_id
+
+
+class Forbidden(RegistryError):
+    """
+    The caller's identity may not do this: the module belongs to another
+    identity, or the policy grants no such right.  The message says why
+    without naming the owner.
+    """
+
+    status = 403
+
+
+class Unauthorized(RegistryError):
+    """The request's credentials (a bearer token) are malformed or unknown."""
+
+    status = 401
 
 
 class NotOwner(RegistryError):

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from hsu_registry.security.identity import ANONYMOUS, Identity
+
 if TYPE_CHECKING:
     from hsu_registry.model import CheckTarget, PublishRequest, Registration
     from hsu_registry.processes.table import ProcessIdentity
@@ -77,9 +79,11 @@ class IProcessMonitor(Interface):
     process exits: what process-bound registrations are built on.
     """
 
-    def identify(peer: int, process_id: int) -> ProcessIdentity | None:
+    def identify(peer: int, process_id: int, uid: int | None = None) -> ProcessIdentity | None:
         """
         @param peer: the PID of the connection's peer (from C{SO_PEERCRED}).
+        @param uid: the peer's uid (from C{SO_PEERCRED}): a parent of another
+            uid is never bound to.
         @param process_id: the process ID a module published.
         @return: the process to bind the registration to (the peer, or the
             peer's parent, when C{process_id} names it), or L{None}.
@@ -116,6 +120,10 @@ class IRegistry(Interface):
     epoch = Attribute("A string, new for every registry instance (every daemon start).")
     clock = Attribute("The IReactorTime the registry reads time from.")
     stale_after = Attribute("Seconds without a heartbeat after which a module is not discoverable.")
+    policy = Attribute(
+        "The hsu_registry.security.policy.Policy deciding who may read, publish and "
+        "administer; replaced as a whole when it is reloaded."
+    )
 
     def registrations() -> Iterator[tuple[Registration, float]]:
         """
@@ -152,16 +160,19 @@ class IRegistry(Interface):
             at C{now} (not seen for C{stale_after}, not bound to a process).
         """
 
-    def publish(request: PublishRequest, peer: int | None = None) -> Deferred[Change | None]:
+    def publish(request: PublishRequest, identity: Identity = ANONYMOUS) -> Deferred[Change | None]:
         """
         Create or replace a module's registration from a
         L{hsu_registry.model.PublishRequest}; counts as a heartbeat.  The same
         content again (same process, same APIs) is only a heartbeat: nothing
         is written, the change index does not move.
 
-        @param peer: the PID of the unix-socket peer that sent it, if known:
-            when the published process ID names that process (or its
-            parent), the registration is bound to the process.
+        @param identity: who sent it: a new registration belongs to it, and
+            only it (or an admin) may change it.  When it is a unix-socket
+            peer whose PID the published process ID names (or its parent's),
+            the registration is bound to the process.
+        @return: (failing with L{hsu_registry.errors.Forbidden} when the
+            identity may not)
 
         @return: a Deferred firing with the L{hsu_registry.registry.Change},
             or L{None} for a heartbeat.
@@ -189,13 +200,14 @@ class IRegistry(Interface):
             target, or the module is being removed).
         """
 
-    def heartbeat(module_id: str, process_id: int | None, peer: int | None = None) -> None:
+    def heartbeat(module_id: str, process_id: int | None, identity: Identity = ANONYMOUS) -> None:
         """
         Refresh a registration's last-seen time; with C{process_id}, only for
-        its owner.  From a unix-socket C{peer} that is the owner, it binds
+        its owner.  From a unix-socket peer that is the owner, it binds
         the registration to that process (as L{publish} does).
 
         @raise hsu_registry.errors.ModuleNotFound: unknown module.
+        @raise hsu_registry.errors.Forbidden: C{identity} is not its owner.
         @raise hsu_registry.errors.NotOwner: another process owns it.
         """
 
@@ -205,10 +217,13 @@ class IRegistry(Interface):
             does not refresh it.
         """
 
-    def unpublish(module_id: str, process_id: int | None) -> Deferred[Change | None]:
+    def unpublish(
+        module_id: str, process_id: int | None, identity: Identity = ANONYMOUS
+    ) -> Deferred[Change | None]:
         """
-        Remove a registration.  With a C{process_id} that is not L{None}, only
-        when that process owns it.  Unknown modules are not an error.
+        Remove a registration, when C{identity} owns it (or is an admin).
+        With a C{process_id} that is not L{None}, only when that process owns
+        it.  Unknown modules are not an error.
 
         @return: a Deferred firing with the L{Change}, or L{None} when there
             was nothing to remove.

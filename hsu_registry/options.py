@@ -82,6 +82,14 @@ class Options(usage.Options):
             None,
             "The seed's flag: 'tcp' (with --tcp-address) or 'unix' (with --socket-path).",
         ],
+        [
+            "policy",
+            None,
+            None,
+            "Who may read, publish and administer: a policy file (TOML or JSON), or 'open' "
+            "for the original's behaviour (no ownership).  Default: anyone reads and "
+            "publishes, registrations belong to their creators.",
+        ],
         ["tcp-address", None, None, "The seed's flag: HOST:PORT to listen on over TCP."],
         ["socket-path", None, None, "The seed's flag: unix socket path to listen on."],
     ]
@@ -174,6 +182,14 @@ class Options(usage.Options):
                     raise ValueError(str(e)) from None
         except ValueError as e:
             raise usage.UsageError(f"--store: {e}") from None
+        policy = self["policy"]
+        if policy is not None and policy != "open":
+            from hsu_registry.security.policy import PolicyError, load_policy
+
+            try:
+                load_policy(policy)
+            except PolicyError as e:
+                raise usage.UsageError(f"--policy: {e}") from None
         self.config = RegistryConfig(
             endpoints=tuple(endpoints) or (DEFAULT_ENDPOINT,),
             stale_after=stale_after,
@@ -188,4 +204,5 @@ class Options(usage.Options):
             discover_heartbeat=not self["no-discover-heartbeat"],
             process_binding=not self["no-process-binding"],
             check_concurrency=_positive_int("check-concurrency", self["check-concurrency"]),
+            policy=policy,
         )

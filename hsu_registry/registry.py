@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from hsu_registry import gctune
 from hsu_registry.errors import (
+    Forbidden,
     ModuleNotFound,
     NotOwner,
     RegistryError,
@@ -43,6 +44,7 @@ from hsu_registry.interfaces import IProcessMonitor, IRegistry, IStore
 from hsu_registry.model import (
     STATUSES,
     UNKNOWN,
+    UNKNOWN_OWNER,
     CheckTarget,
     ModuleAPI,
     PlainRegistration,
@@ -50,6 +52,8 @@ from hsu_registry.model import (
     Registration,
 )
 from hsu_registry.processes.table import ProcessIdentity
+from hsu_registry.security.identity import ANONYMOUS, Identity
+from hsu_registry.security.policy import Policy, default_policy
 
 __all__ = ["Change", "ChangeKind", "HealthStatus", "Registry"]
 
@@ -110,6 +114,11 @@ class Registry:
         registration lives exactly as long as its process: it never goes
         stale or expires while the process runs, and is removed as soon as
         the process exits.
+    @param policy: who may publish and administer (see
+        L{hsu_registry.security.policy}); by default anyone may publish.
+        Whatever the policy, a registration belongs to the identity that
+        created it: only that identity or an admin may publish it again,
+        heartbeat or unpublish it (unless the policy is open).
     """
 
     log = Logger()
@@ -125,6 +134,7 @@ class Registry:
         expire_batch: int = 100,
         discover_heartbeat: bool = True,
         processes: IProcessMonitor | None = None,
+        policy: Policy | None = None,
     ) -> None:
         if expire_after < stale_after:
             raise ValueError("expire_after must not be less than stale_after")
@@ -135,6 +145,9 @@ class Registry:
         self.max_modules = max_modules
         self.expire_batch = expire_batch
         self.discover_heartbeat = discover_heartbeat
+        # Who may do what (replaced as a whole on reload); ownership is
+        # enforced here, on every write, unless the policy is open.
+        self.policy = policy if policy is not None else default_policy()
         self.index = 0
         self.epoch = epoch if epoch is not None else uuid.uuid4().hex
         self.started_at = clock.seconds()
@@ -237,22 +250,26 @@ class Registry:
         return Registration.from_plain(plain)
 
     def heartbeat(
-        self, module_id: str, process_id: int | None = None, peer: int | None = None
+        self, module_id: str, process_id: int | None = None, identity: Identity = ANONYMOUS
     ) -> None:
         """
         Refresh C{module_id}'s last-seen time (its owner says it is alive);
         with C{process_id}, only for the owning process.  Batched to the store
-        like every heartbeat.  From a unix-socket C{peer} that is the owning
+        like every heartbeat.  From a unix-socket peer that is the owning
         process (or its child), it binds the registration to that process:
         how bindings come back after the registry restarted.
 
         @raise ModuleNotFound: when the module is not registered (it expired,
             or the registry restarted empty: publish again).
+        @raise Forbidden: when C{identity} is not its owner (nor an admin).
         @raise NotOwner: when another process owns it.
         """
         plain = self._modules.get(module_id)
         if plain is None:
             raise ModuleNotFound(module_id)
+        refused = self._write_refusal("heartbeat", module_id, identity, plain)
+        if refused is not None:
+            raise refused
         if process_id is not None and process_id != plain[1]:
             raise NotOwner(
                 f"module {module_id!r} is registered by another process",
@@ -260,9 +277,9 @@ class Registry:
             )
         self._last_seen[module_id] = self._clock.seconds()
         self._touched.add(module_id)
-        identity = self._identify(peer, plain[1])
-        if identity is not None:
-            self._rebind(module_id, identity, plain[1])
+        process = self._identify(identity, plain[1])
+        if process is not None:
+            self._rebind(module_id, process, plain[1])
 
     def health(self) -> HealthStatus:
         return HealthStatus(
@@ -363,13 +380,24 @@ class Registry:
             )
         )
 
-    def publish(self, request: PublishRequest, peer: int | None = None) -> Deferred[Change | None]:
-        return self._serialised(request.module_id, lambda: self._publish(request, peer))
+    def publish(
+        self, request: PublishRequest, identity: Identity = ANONYMOUS
+    ) -> Deferred[Change | None]:
+        return self._serialised(request.module_id, lambda: self._publish(request, identity))
 
-    def _publish(self, request: PublishRequest, peer: int | None) -> Deferred[Change | None]:
+    def _publish(self, request: PublishRequest, caller: Identity) -> Deferred[Change | None]:
         now = self._clock.seconds()
-        identity = self._identify(peer, request.process_id)
         existing = self._modules.get(request.module_id)
+        refused = self._write_refusal(
+            "publish",
+            request.module_id,
+            caller,
+            existing,
+            {sid for api in request.apis for sid in api.service_ids},
+        )
+        if refused is not None:
+            return fail(refused)
+        identity = self._identify(caller, request.process_id)
         if existing is None:
             if len(self._modules) + self._reserved >= self.max_modules:
                 return fail(
@@ -383,13 +411,16 @@ class Registry:
         if existing is not None and any(api.check is not None for api in apis):
             # Checked APIs published again keep the status their checks found.
             apis = _carry_statuses(apis, Registration.from_plain(existing).apis)
+        owner = existing[5] if existing is not None else UNKNOWN_OWNER
         registration = Registration.create(
             module_id=request.module_id,
             process_id=request.process_id,
             apis=apis,
             registered_at=existing[2] if existing is not None else now,
+            # An admin's publish keeps the owner; an unknown owner is claimed.
+            owner=owner or caller.principal,
         )
-        if existing is not None and existing[1:4] == registration.plain()[1:4]:
+        if existing is not None and existing[1:4] == registration.plain()[1:4] and owner:
             # The same content again, a module's periodic re-publish: a
             # heartbeat.  Nothing to persist now (last-seen times are flushed
             # in batches), no change to index or announce.
@@ -411,6 +442,8 @@ class Registry:
         d = self._store.save(registration, now)
         d.addBoth(release)
         d.addErrback(self._persist_failed, "save", request.module_id)
+        if existing is not None and not owner:
+            d.addCallback(lambda _: self._claimed(request.module_id, registration.owner))
         return d.addCallback(lambda _: self._apply_publish(registration, now, identity))
 
     def _apply_publish(
@@ -435,8 +468,9 @@ class Registry:
         bound = self._bound.get(module_id)
         self.log.info(
             "{kind} module {module_id} (process {process_id}, {api_count} APIs, index {index}"
-            "{binding})",
+            ", owner {owner}{binding})",
             kind=kind.value.capitalize(),
+            owner=registration.owner or "unknown",
             module_id=module_id,
             process_id=registration.process_id,
             api_count=registration.api_count,
@@ -526,10 +560,59 @@ class Registry:
 
     # -- process binding -------------------------------------------------
 
-    def _identify(self, peer: int | None, process_id: int) -> ProcessIdentity | None:
-        if peer is None or self._processes is None:
+    def _identify(self, caller: Identity, process_id: int) -> ProcessIdentity | None:
+        """The process to bind to: only one the kernel says the caller is (see monitor)."""
+        if caller.pid is None or self._processes is None:
             return None
-        return self._processes.identify(peer, process_id)
+        return self._processes.identify(caller.pid, process_id, caller.uid)
+
+    # -- ownership -------------------------------------------------------
+
+    def _write_refusal(
+        self,
+        action: str,
+        module_id: str,
+        caller: Identity,
+        existing: PlainRegistration | None,
+        service_ids: set[str] | None = None,
+    ) -> Forbidden | None:
+        """
+        Why C{caller} may not C{action} C{module_id} (a L{Forbidden} to raise,
+        logged for the audit trail), or L{None}.  The owner is not named: the
+        caller may not be allowed to know it.
+        """
+        policy = self.policy
+        if policy.open:
+            return None
+        reason = None
+        owner = existing[5] if existing is not None else UNKNOWN_OWNER
+        if owner and owner != caller.principal and not policy.is_admin(caller):
+            reason = (
+                f"module {module_id!r} belongs to another identity: only its owner or an "
+                f"admin may {action} it"
+            )
+        elif service_ids is not None or not owner:
+            # Publishing needs a grant; so does touching a module nobody owns yet.
+            reason = policy.publish_refusal(caller, module_id, service_ids or ())
+        if reason is None:
+            return None
+        self.log.warn(
+            "Refused {action} of module {module_id} by {identity}: {reason}",
+            action=action,
+            module_id=module_id,
+            identity=caller.principal,
+            reason=reason,
+            audit=True,
+        )
+        return Forbidden(reason, {"moduleID": module_id, "identity": caller.principal})
+
+    def _claimed(self, module_id: str, owner: str) -> None:
+        self.log.info(
+            "Module {module_id} now belongs to {owner} (its owner was not recorded)",
+            module_id=module_id,
+            owner=owner,
+            audit=True,
+        )
 
     def _rebind(
         self,
@@ -649,13 +732,20 @@ class Registry:
         self._index_services(registration, add=False)
         return registration
 
-    def unpublish(self, module_id: str, process_id: int | None = None) -> Deferred[Change | None]:
-        return self._serialised(module_id, lambda: self._unpublish(module_id, process_id))
+    def unpublish(
+        self, module_id: str, process_id: int | None = None, identity: Identity = ANONYMOUS
+    ) -> Deferred[Change | None]:
+        return self._serialised(module_id, lambda: self._unpublish(module_id, process_id, identity))
 
-    def _unpublish(self, module_id: str, process_id: int | None) -> Deferred[Change | None]:
+    def _unpublish(
+        self, module_id: str, process_id: int | None, caller: Identity
+    ) -> Deferred[Change | None]:
         existing = self._modules.get(module_id)
         if existing is None:
             return succeed(None)
+        refused = self._write_refusal("unpublish", module_id, caller, existing)
+        if refused is not None:
+            return fail(refused)
         if process_id is not None and process_id != existing[1]:
             self.log.warn(
                 "Refused to unpublish {module_id}: process {process_id} does not own it"
@@ -679,10 +769,13 @@ class Registry:
             registration = self._remove(module_id)
             change = self._record(ChangeKind.UNPUBLISHED, registration)
             self.log.info(
-                "Unpublished module {module_id} (process {process_id}, index {index})",
+                "Unpublished module {module_id} (process {process_id}, index {index}, by "
+                "{identity})",
                 module_id=module_id,
                 process_id=registration.process_id,
                 index=change.index,
+                identity=caller.principal,
+                owner=registration.owner,
             )
             return change
 

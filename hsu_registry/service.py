@@ -26,6 +26,14 @@ from hsu_registry.gctune import freeze_long_lived
 from hsu_registry.hangup import reopen_log_files
 from hsu_registry.interfaces import IProcessMonitor, IStore
 from hsu_registry.registry import Registry
+from hsu_registry.security.policy import (
+    Policy,
+    PolicyError,
+    default_policy,
+    describe_change,
+    load_policy,
+    open_policy,
+)
 from hsu_registry.stores import parse_store_spec
 from hsu_registry.stores.memory import MemoryStore
 from hsu_registry.web.api import RegistryAPI
@@ -37,6 +45,7 @@ __all__ = [
     "ProcessMonitorService",
     "RegistryService",
     "StoreService",
+    "build_policy",
     "build_process_monitor",
     "build_store",
     "makeService",
@@ -153,6 +162,20 @@ class HeartbeatFlushService(_PeriodicService):
         )
 
 
+def build_policy(spec: str | None) -> Policy:
+    """
+    The policy named by C{--policy}: the default, the original's open
+    behaviour, or a file (read at start-up, before the reactor serves).
+
+    @raise PolicyError: for a file that cannot be used.
+    """
+    if spec is None:
+        return default_policy()
+    if spec == "open":
+        return open_policy()
+    return load_policy(spec)
+
+
 def build_process_monitor(config: RegistryConfig, reactor: Any) -> IProcessMonitor | None:
     """
     The process monitor behind process-bound registrations, or L{None} when
@@ -196,6 +219,7 @@ class RegistryService(MultiService):
         self.processes = build_process_monitor(config, reactor)
         self.registry = Registry(
             self.store,
+            policy=build_policy(config.policy),
             clock=reactor,
             stale_after=config.stale_after,
             expire_after=config.expire_after,
@@ -249,6 +273,14 @@ class RegistryService(MultiService):
 
     def startService(self) -> None:
         self._announce()
+        policy = self.registry.policy
+        if policy.open:
+            self.log.warn(
+                "--policy=open: any caller may change or remove any registration "
+                "(the original's behaviour); registrations have no owners"
+            )
+        else:
+            self.log.info("Policy: {policy}", policy=policy.describe())
         super().startService()
         if self.config.freeze_gc:
             freeze_long_lived()
@@ -273,11 +305,37 @@ class RegistryService(MultiService):
         """
         reopened = reopen_log_files()
         self.log.info(
-            "Reloaded on SIGHUP: {what}; nothing else to reload",
+            "Reloaded on SIGHUP: {what}",
             what=f"reopened {', '.join(reopened)}" if reopened else "no log file to reopen",
             reopened=reopened,
         )
+        self.reload_policy()
         return reopened
+
+    def reload_policy(self) -> None:
+        """
+        Read the policy file again; a bad file keeps the policy in force and
+        says why.  The default and the open policy have no file to reload.
+        """
+        spec = self.config.policy
+        if spec is None or spec == "open":
+            return
+        before = self.registry.policy
+        try:
+            after = load_policy(spec)
+        except PolicyError as e:
+            self.log.error(
+                "Kept the policy in force ({policy}): {error}",
+                policy=before.describe(),
+                error=str(e),
+            )
+            return
+        self.registry.policy = after
+        self.log.info(
+            "Reloaded the policy {path}: {changes}",
+            path=spec,
+            changes=describe_change(before, after),
+        )
 
     def resource(self) -> IResource:
         """The API as a resource, for mounting under a host application's Site."""

@@ -367,11 +367,13 @@ class CtlTests(TestCase):
         self.patch(ctl, "_now", lambda: later)
         out = await self.ok("--url", self.tcp_url, "list")
         header, echo, empty = out.splitlines()
-        self.assertEqual(header.split(), ["MODULE", "PROCESS", "APIS", "AGE", "STATE"])
+        self.assertEqual(header.split(), ["MODULE", "PROCESS", "OWNER", "APIS", "AGE", "STATE"])
+        me = f"uid:{os.geteuid()}"  # the kernel's word on who published over loopback TCP
         self.assertEqual(
-            echo.split(), ["echo", "7", "echo.v1@50051/grpc,echo.v2@50051/grpc", "1m30s", "ready"]
+            echo.split(),
+            ["echo", "7", me, "echo.v1@50051/grpc,echo.v2@50051/grpc", "1m30s", "ready"],
         )
-        self.assertEqual(empty.split(), ["e", "-", "-", "1m30s", "ready"])
+        self.assertEqual(empty.split(), ["e", "-", "anonymous", "-", "1m30s", "ready"])
         self.assertEqual(header.index("AGE"), echo.index("1m30s"))
 
     async def test_list_stale_with_reason(self) -> None:
@@ -379,7 +381,7 @@ class CtlTests(TestCase):
         await self.ok("--url", self.tcp_url, *PUBLISH_ECHO)
         self.service.registry.stale_after = 0.0
         out = await self.ok("--url", self.tcp_url, "list")
-        state = out.splitlines()[1].split(None, 4)[4]
+        state = out.splitlines()[1].split(None, 5)[5]
         self.assertRegex(state, r"^stale: not seen since \S+Z \(stale after 0s\)$")
 
     async def test_list_json(self) -> None:
@@ -405,8 +407,8 @@ class CtlTests(TestCase):
         self.assertEqual(
             table.splitlines()[1:],
             [
-                "m       12 (bound)        -     2h0m0s  ready",
-                "n       12 (bound to 34)  -     2h0m0s  ready",
+                "m       12 (bound)        -      -     2h0m0s  ready",
+                "n       12 (bound to 34)  -      -     2h0m0s  ready",
             ],
         )
 

@@ -38,6 +38,7 @@ from hsu_registry.processes.table import (
     parse_stat,
 )
 from hsu_registry.registry import Change, ChangeKind, Registry
+from hsu_registry.security.identity import Identity
 from hsu_registry.stores.memory import MemoryStore
 from hsu_registry.testing import ControllableStore
 from hsu_registry.web.api import RegistryAPI
@@ -49,14 +50,23 @@ HAS_PIDFD = hasattr(os, "pidfd_open")
 
 
 @implementer(IProcessTable)
+def _unix(pid: int | None, uid: int = 1000) -> Identity:
+    """A caller as the kernel describes it: over a unix socket (with PID) or loopback TCP."""
+    return Identity("uid", str(uid), uid=uid, gid=uid, pid=pid)
+
+
 class FakeTable:
     """A process table the tests write: PIDs, parents, states, start times."""
 
     def __init__(self) -> None:
         self.processes: dict[int, ProcessStat] = {}
+        self.uids: dict[int, int] = {}
 
-    def add(self, pid: int, ppid: int = 1, start: int = 100, state: str = "S") -> ProcessIdentity:
+    def add(
+        self, pid: int, ppid: int = 1, start: int = 100, state: str = "S", uid: int = 1000
+    ) -> ProcessIdentity:
         self.processes[pid] = ProcessStat(pid, ppid, state, start)
+        self.uids[pid] = uid
         return ProcessIdentity(pid, start)
 
     def kill(self, pid: int) -> None:
@@ -64,6 +74,9 @@ class FakeTable:
 
     def stat(self, pid: int) -> ProcessStat | None:
         return self.processes.get(pid)
+
+    def owner(self, pid: int) -> int | None:
+        return self.uids.get(pid) if pid in self.processes else None
 
 
 class ParseStatTests(SynchronousTestCase):
@@ -409,33 +422,56 @@ class BindingTests(SynchronousTestCase):
         self.parent = self.table.add(1000, ppid=1, start=400)
 
     def publish(self, module_id: str = "echo", process_id: int = 1234, **kw: Any) -> None:
+        # The same uid over loopback TCP (no PID) unless the test says otherwise.
+        kw.setdefault("identity", _unix(None))
         self.successResultOf(self.registry.publish(publish_request(module_id, process_id), **kw))
 
     def test_bound_to_peer(self) -> None:
         """Published over a unix socket as its own PID: bound to that process."""
-        self.publish(peer=1234)
+        self.publish(identity=_unix(1234))
         self.assertEqual(self.registry.binding("echo"), self.me)
         self.assertEqual((len(self.monitor), self.registry.bound_processes), (1, 1))
+
+    def test_never_pid_1(self) -> None:
+        """
+        A process re-parented to init, publishing processID 1 over the unix
+        socket, is not bound to PID 1 (which would never go stale): it lives
+        by heartbeats, like any unbound registration.
+        """
+        self.table.add(1, ppid=0, start=1, uid=0)
+        self.table.add(1500, ppid=1, start=700, uid=0)
+        self.publish("orphan", process_id=1, identity=_unix(1500, uid=0))
+        self.assertIsNone(self.registry.binding("orphan"))
+        self.clock.advance(601)
+        self.successResultOf(self.registry.expire())
+        self.assertIsNone(self.registry.get("orphan"))
+
+    def test_parent_of_other_uid_not_bound(self) -> None:
+        """A child naming a parent that runs as another uid is not bound to it."""
+        self.table.add(2000, ppid=1, start=800, uid=0)
+        self.table.add(2001, ppid=2000, start=900, uid=1000)
+        self.publish(process_id=2000, identity=_unix(2001))
+        self.assertIsNone(self.registry.binding("echo"))
 
     def test_bound_to_parent(self) -> None:
         """Published by a child on behalf of its parent: bound to the parent."""
         self.table.add(1300, ppid=1234, start=600)
-        self.publish(process_id=1234, peer=1300)
+        self.publish(process_id=1234, identity=_unix(1300))
         self.assertEqual(self.registry.binding("echo"), self.me)
 
     def test_not_bound(self) -> None:
         """Over TCP, for another process, or as process 0: not bound."""
         self.publish("tcp")
-        self.publish("other", process_id=4321, peer=1234)
-        self.publish("zero", process_id=0, peer=1234)
+        self.publish("other", process_id=4321, identity=_unix(1234))
+        self.publish("zero", process_id=0, identity=_unix(1234))
         for module_id in ("tcp", "other", "zero"):
             self.assertIsNone(self.registry.binding(module_id))
         self.assertEqual(len(self.monitor), 0)
 
     def test_exit_expires_at_once(self) -> None:
         """When the process exits its registrations go, each an C{expired} change."""
-        self.publish("a", peer=1234)
-        self.publish("b", peer=1234)
+        self.publish("a", identity=_unix(1234))
+        self.publish("b", identity=_unix(1234))
         self.publish("c")  # not bound
         self.assertEqual(len(self.monitor), 1)  # one watch for the process
         self.table.kill(1234)
@@ -459,10 +495,10 @@ class BindingTests(SynchronousTestCase):
         """
         self.registry.expire_batch = 2
         for name in "abc":
-            self.publish(name, peer=1234)
+            self.publish(name, identity=_unix(1234))
         for pid, name in ((2001, "d"), (2002, "e")):
             self.table.add(pid, start=pid)
-            self.publish(name, process_id=pid, peer=pid)
+            self.publish(name, process_id=pid, identity=_unix(pid))
         turns: list[list[str]] = []
         drain = self.registry._drain_exits
 
@@ -488,9 +524,9 @@ class BindingTests(SynchronousTestCase):
         process exited binds to a process nobody watched any more: it is
         watched anew, found dead, and removed; nothing is left behind.
         """
-        self.publish("a", peer=1234)
+        self.publish("a", identity=_unix(1234))
         self.store.holding = True
-        pending = self.registry.publish(publish_request("b", 1234), peer=1234)
+        pending = self.registry.publish(publish_request("b", 1234), identity=_unix(1234))
         self.table.kill(1234)
         self.monitor.poll()
         self.clock.advance(0)  # "a"'s removal waits on the store too
@@ -512,7 +548,7 @@ class BindingTests(SynchronousTestCase):
         """
         store = MemoryStore()
         registry = Registry(store, self.clock, stale_after=300, processes=self.monitor)
-        self.successResultOf(registry.publish(publish_request("m", 1234), peer=1234))
+        self.successResultOf(registry.publish(publish_request("m", 1234), identity=_unix(1234)))
         published_at = self.clock.seconds()
         self.successResultOf(registry.flush_heartbeats())
         self.clock.advance(3600)
@@ -536,19 +572,19 @@ class BindingTests(SynchronousTestCase):
         A newer process with the dead one's PID, heartbeating as that PID over
         TCP, does not keep the dead process's registration.
         """
-        self.publish(peer=1234)
+        self.publish(identity=_unix(1234))
         self.table.kill(1234)
         self.table.add(1234, ppid=1, start=900)
-        self.registry.heartbeat("echo", 1234)  # over TCP: no peer
+        self.registry.heartbeat("echo", 1234, identity=_unix(None))  # over TCP: no PID
         self.clock.advance(0.5)
         self.assertIsNone(self.registry.get("echo"))
 
     def test_newer_process_rebinds(self) -> None:
         """The module published again by a newer process is bound to that one."""
-        self.publish(peer=1234)
+        self.publish(identity=_unix(1234))
         self.table.kill(1234)
         newer = self.table.add(1234, ppid=1, start=900)
-        self.publish(peer=1234)  # same content: a heartbeat, rebinding
+        self.publish(identity=_unix(1234))  # same content: a heartbeat, rebinding
         self.assertEqual(self.registry.binding("echo"), newer)
         self.clock.advance(0.5)
         self.assertIsNotNone(self.registry.get("echo"))
@@ -556,7 +592,7 @@ class BindingTests(SynchronousTestCase):
 
     def test_never_stale_while_running(self) -> None:
         """A bound module needs no heartbeat: it is discoverable while its process runs."""
-        self.publish(peer=1234)
+        self.publish(identity=_unix(1234))
         self.clock.advance(3600)
         self.assertFalse(self.registry.is_stale("echo", self.clock.seconds()))
         self.assertEqual(self.registry.discover("echo").module_id, "echo")
@@ -569,14 +605,14 @@ class BindingTests(SynchronousTestCase):
         """After a registry restart, the owner's next heartbeat binds again."""
         self.publish()
         self.assertIsNone(self.registry.binding("echo"))
-        self.registry.heartbeat("echo", 1234, peer=1234)
+        self.registry.heartbeat("echo", 1234, identity=_unix(1234))
         self.assertEqual(self.registry.binding("echo"), self.me)
-        self.registry.heartbeat("echo", None, peer=1234)
+        self.registry.heartbeat("echo", None, identity=_unix(1234))
         self.assertEqual(self.registry.binding("echo"), self.me)
 
     def test_other_owner_unbinds(self) -> None:
         """Published again by another process, the binding to the first one goes."""
-        self.publish(peer=1234)
+        self.publish(identity=_unix(1234))
         self.publish(process_id=777)
         self.assertIsNone(self.registry.binding("echo"))
         self.assertEqual(len(self.monitor), 0)
@@ -586,14 +622,16 @@ class BindingTests(SynchronousTestCase):
 
     def test_same_owner_over_tcp_keeps_binding(self) -> None:
         """The bound process publishing new content over TCP stays bound."""
-        self.publish(peer=1234)
-        self.successResultOf(self.registry.publish(publish_request("echo", 1234, apis=2)))
+        self.publish(identity=_unix(1234))
+        self.successResultOf(
+            self.registry.publish(publish_request("echo", 1234, apis=2), _unix(None))
+        )
         self.assertEqual(self.registry.binding("echo"), self.me)
 
     def test_unpublish_unwatches(self) -> None:
         """Unpublishing the last module of a process stops watching it."""
-        self.publish(peer=1234)
-        self.successResultOf(self.registry.unpublish("echo", 1234))
+        self.publish(identity=_unix(1234))
+        self.successResultOf(self.registry.unpublish("echo", 1234, _unix(None)))
         self.assertEqual((len(self.monitor), self.registry.bound_processes), (0, 0))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -602,7 +640,7 @@ class BindingTests(SynchronousTestCase):
         When the store cannot remove a dead process's module, it stays, now
         unbound, and ages out by time like any other.
         """
-        self.publish(peer=1234)
+        self.publish(identity=_unix(1234))
         self.store.failing = True
         self.store.failure_type = RuntimeError
         self.table.kill(1234)
@@ -627,7 +665,7 @@ class BoundAPITests(SynchronousTestCase):
         self.monitor = ProcessMonitor(self.clock, self.table, use_pidfd=False)
         self.registry = Registry(ControllableStore(), self.clock, processes=self.monitor)
         self.peer: int | None = 1234
-        api = RegistryAPI(self.registry, peer=lambda request: self.peer)
+        api = RegistryAPI(self.registry, identify=lambda request: _unix(self.peer))
         self.treq: Any = StubTreq(api.resource())
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:

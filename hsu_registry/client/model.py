@@ -194,6 +194,8 @@ class RegisteredModule:
     reason: str | None = None
     process_bound: bool = False
     bound_pid: int | None = None
+    #: The identity that owns the registration (C{uid:1000}, C{x509:...}).
+    owner: str | None = None
 
     @classmethod
     def from_json(cls, raw: Any) -> RegisteredModule:
@@ -206,6 +208,7 @@ class RegisteredModule:
             raise ValueError("a catalog entry must be an object")
         reason = raw.get("reason")
         bound_pid = raw.get("boundPID")
+        owner = raw.get("owner")
         return cls(
             module_id=_text(raw, "moduleID"),
             apis=_answered_apis(raw),
@@ -216,6 +219,7 @@ class RegisteredModule:
             reason=reason if isinstance(reason, str) else None,
             process_bound=raw.get("processBound") is True,
             bound_pid=bound_pid if isinstance(bound_pid, int) else None,
+            owner=owner if isinstance(owner, str) else None,
         )
 
 

@@ -120,14 +120,18 @@ class ProcessMonitor:
         """How many processes are polled."""
         return len(self._polled)
 
-    def identify(self, peer: int, process_id: int) -> ProcessIdentity | None:
+    def identify(
+        self, peer: int, process_id: int, uid: int | None = None
+    ) -> ProcessIdentity | None:
         """
         The process a registration should be bound to, when the process ID a
-        module published is its peer's own PID or the PID of the peer's parent
-        (a module publishing on behalf of the process that supervises it
-        publishes the parent's); L{None} otherwise.
+        module published is its peer's own PID or the PID of the peer's
+        direct parent of the same uid (a module publishing on behalf of the
+        process that supervises it publishes the parent's); L{None}
+        otherwise.  Never PID 1: a process re-parented to init would bind a
+        registration that never goes stale.
         """
-        if process_id <= 0 or peer <= 0:
+        if process_id <= 1 or peer <= 1:
             return None
         stat = self._table.stat(peer)
         if stat is None or not stat.running:
@@ -136,8 +140,11 @@ class ProcessMonitor:
             return stat.identity
         if process_id == stat.ppid:
             parent = self._table.stat(stat.ppid)
-            if parent is not None and parent.running:
-                return parent.identity
+            if parent is None or not parent.running:
+                return None
+            if uid is not None and self._table.owner(stat.ppid) != uid:
+                return None
+            return parent.identity
         return None
 
     def alive(self, identity: ProcessIdentity) -> bool:

@@ -73,6 +73,12 @@ class IProcessTable(Interface):
             that PID.
         """
 
+    def owner(pid: int) -> int | None:
+        """
+        @return: the uid the process runs as (the owner of its C{/proc}
+            entry), or L{None} when no process has that PID.
+        """
+
 
 @implementer(IProcessTable)
 class ProcTable:
@@ -97,3 +103,11 @@ class ProcTable:
         finally:
             os.close(fd)
         return parse_stat(pid, data)
+
+    def owner(self, pid: int) -> int | None:
+        if pid <= 0:
+            return None
+        try:
+            return os.stat(f"{self.root}/{pid}").st_uid
+        except OSError:
+            return None

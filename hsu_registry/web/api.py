@@ -22,7 +22,13 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from hsu_registry import __version__
 from hsu_registry.durations import format_duration, parse_duration
-from hsu_registry.errors import InvalidRequest, ModuleNotFound, RegistryError
+from hsu_registry.errors import (
+    Forbidden,
+    InvalidRequest,
+    ModuleNotFound,
+    RegistryError,
+    Unauthorized,
+)
 from hsu_registry.interfaces import IRegistry
 from hsu_registry.model import (
     DEFAULT_LIMITS,
@@ -32,7 +38,7 @@ from hsu_registry.model import (
     parse_process_id,
     parse_publish_body,
 )
-from hsu_registry.processes.peers import peer_pid
+from hsu_registry.security.identity import Identity, connection_identity
 from hsu_registry.watch import ChangeLog
 from hsu_registry.web.catalog import module_entry
 from hsu_registry.web.responses import SUCCESS, error_response, json_response
@@ -58,7 +64,7 @@ class RegistryAPI:
         limits: Limits = DEFAULT_LIMITS,
         changelog: ChangeLog | None = None,
         clock: IReactorTime | None = None,
-        peer: Callable[[IRequest], int | None] | None = None,
+        identify: Callable[[IRequest], Identity] | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits
@@ -66,11 +72,48 @@ class RegistryAPI:
         self.changelog = changelog if changelog is not None else ChangeLog(registry, self.clock)
         self.watchers = WatchHub(self.changelog, self.clock)
         self._catalog: tuple[object, bytes] = (None, b"")
-        self.peer: Callable[[IRequest], int | None] = peer if peer is not None else _peer_of_request
+        # Who the kernel says is at the other end of a request's connection
+        # (tests pass their own); bearer tokens are read on top of it.
+        self.identify_connection: Callable[[IRequest], Identity] = (
+            identify if identify is not None else _connection_identity
+        )
 
     def resource(self) -> IResource:
         """The API as a resource that answers every request with JSON."""
         return _APIResource(self)
+
+    # -- identity --------------------------------------------------------
+
+    def identity(self, request: IRequest) -> Identity:
+        """
+        Who sent C{request}: the identity of a bearer token it carries (an
+        unknown one is refused with a 401), else the connection's.
+        """
+        authorization = request.getHeader(b"authorization")
+        if authorization is None:
+            return self.identify_connection(request)
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer TOKEN'")
+        identity = self.registry.policy.token_identity(token.strip())
+        if identity is None:
+            raise Unauthorized("the bearer token is not known to this registry")
+        return identity
+
+    def _check_read(self, request: IRequest) -> None:
+        """Refuse a read (discover, catalog, services, watch) the policy does not grant."""
+        policy = self.registry.policy
+        if policy.everyone_reads:
+            return  # the default: nobody needs to be identified to read
+        identity = self.identity(request)
+        if not policy.may_read(identity):
+            self.log.warn(
+                "Refused read {path} by {identity}: no grant to read",
+                path=_path_of(request),
+                identity=identity.principal,
+                audit=True,
+            )
+            raise Forbidden(f"{identity} may not read this registry")
 
     # -- routes ----------------------------------------------------------
 
@@ -78,11 +121,12 @@ class RegistryAPI:
     def publish(self, request: IRequest) -> bytes | Deferred[bytes]:
         body = request.content.read() if request.content is not None else b""
         parsed = parse_publish_body(body, self.limits)
-        done = self.registry.publish(parsed, self.peer(request))
+        done = self.registry.publish(parsed, self.identity(request))
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
     def discover(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
+        self._check_read(request)
         args = request.args or {}
         passing = _parse_passing(args.get(b"passing"))  # before any wait: a 400 at once
         if b"wait" in args or b"index" in args:
@@ -115,11 +159,12 @@ class RegistryAPI:
     def unpublish(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
         args = request.args or {}
         process_id = parse_process_id(args.get(b"processID"), self.limits)
-        done = self.registry.unpublish(moduleID, process_id)
+        done = self.registry.unpublish(moduleID, process_id, self.identity(request))
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/modules", methods=["GET"])
     def modules(self, request: IRequest) -> bytes | Deferred[bytes]:
+        self._check_read(request)
         return self._maybe_blocking(request, lambda: self._modules(request))
 
     def _modules(self, request: IRequest) -> bytes:
@@ -140,6 +185,7 @@ class RegistryAPI:
 
     @app.route("/api/v1/modules/<moduleID>", methods=["GET"])
     def module(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
+        self._check_read(request)
         return self._maybe_blocking(request, lambda: self._module(request, moduleID))
 
     def _module(self, request: IRequest, module_id: str) -> bytes:
@@ -159,6 +205,7 @@ class RegistryAPI:
 
     @app.route("/api/v1/services/<serviceID>", methods=["GET"])
     def service(self, request: IRequest, serviceID: str) -> bytes | Deferred[bytes]:
+        self._check_read(request)
         passing = _parse_passing((request.args or {}).get(b"passing"))
         return self._maybe_blocking(request, lambda: self._service(request, serviceID, passing))
 
@@ -188,6 +235,7 @@ class RegistryAPI:
 
     @app.route("/api/v1/watch", methods=["GET"])
     def watch(self, request: IRequest) -> Any:
+        self._check_read(request)
         last = request.getHeader(b"last-event-id")
         args = request.args or {}
         if last is None and args.get(b"index"):
@@ -257,7 +305,7 @@ class RegistryAPI:
     def heartbeat(self, request: IRequest, moduleID: str) -> bytes:
         args = request.args or {}
         process_id = parse_process_id(args.get(b"processID"), self.limits)
-        self.registry.heartbeat(moduleID, process_id, self.peer(request))
+        self.registry.heartbeat(moduleID, process_id, self.identity(request))
         return json_response(request, SUCCESS)
 
     @app.route("/api/v1/health", methods=["GET"])
@@ -286,6 +334,8 @@ class RegistryAPI:
         """
         error = failure.value
         if isinstance(error, RegistryError):
+            if isinstance(error, Unauthorized):
+                request.setHeader(b"www-authenticate", b'Bearer realm="hsu-registry"')
             return error_response(request, error.status, error.message, error.context)
         if isinstance(error, MethodNotAllowed):
             allowed = sorted(error.valid_methods or ())
@@ -318,9 +368,19 @@ def _path_of(request: IRequest) -> str:
     return request.path.decode("utf-8", "replace")
 
 
-def _peer_of_request(request: IRequest) -> int | None:
-    """The PID of a request's unix-socket peer (see L{peer_pid})."""
-    return peer_pid(getattr(request, "transport", None))
+def _connection_identity(request: IRequest) -> Identity:
+    """
+    The kernel's word on a request's peer (see L{connection_identity}),
+    looked up once per connection and kept on its channel: it cannot change
+    while the connection lasts.
+    """
+    channel = getattr(request, "channel", None)
+    known: Identity | None = getattr(channel, "hsu_identity", None)
+    if known is None:
+        known = connection_identity(getattr(request, "transport", None))
+        if channel is not None:
+            channel.hsu_identity = known
+    return known
 
 
 def _parse_passing(values: list[bytes] | None) -> bool:

@@ -30,8 +30,9 @@ def module_entry(
     bound: ProcessIdentity | None = None,
 ) -> bytes:
     """
-    C{{"moduleID", "apis", "processID", "registeredAt", "lastSeen",
-    "processBound", "state"}}, C{boundPID} when the registration is bound to
+    C{{"moduleID", "apis", "processID", "registeredAt", "lastSeen", "owner",
+    "processBound", "state"}} (C{owner}: the principal of the identity that
+    created it, C{unknown} when not recorded), C{boundPID} when the registration is bound to
     a process (it is then ready for as long as that process runs) and, when
     the state is not C{ready}, a C{reason}.
     """
@@ -40,6 +41,7 @@ def module_entry(
         f',"processID":{registration.process_id},'
         f'"registeredAt":"{rfc3339(registration.registered_at)}",'
         f'"lastSeen":"{rfc3339(last_seen)}",'
+        f'"owner":{json.dumps(registration.owner or "unknown")},'
     )
     if bound is not None:
         tail += f'"processBound":true,"boundPID":{bound.pid},'
