@@ -10,6 +10,7 @@ from attrs import field, frozen
 
 from hsu_registry.endpoints import DEFAULT_ENDPOINT
 from hsu_registry.model import DEFAULT_LIMITS, Limits
+from hsu_registry.security.limits import Quotas
 from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
 
 __all__ = ["RegistryConfig"]
@@ -44,6 +45,8 @@ class RegistryConfig:
     # Who may do what: None (the default policy), "open" (the original's
     # behaviour, no ownership) or the path of a policy file.
     policy: str | None = None
+    # Per-identity rates and quotas (see hsu_registry.security.limits).
+    quotas: Quotas = field(factory=Quotas)
     # Freeze long-lived objects once started (see hsu_registry.gctune): the
     # daemon's commands turn it on; embedders decide for their own process.
     freeze_gc: bool = False

@@ -16,7 +16,11 @@ starts quickly and installs no reactor::
 
 The registry is found with C{--url}, else C{$HSU_REGISTRY_URL}, else
 C{tcp://127.0.0.1:17951}.  C{--json} prints the registry's data as JSON in
-the seed's camelCase shape instead of a table.
+the seed's camelCase shape instead of a table.  An C{https://} registry is
+verified with C{--ca} (else C{$HSU_REGISTRY_CA}, else the system's CAs), and
+C{--cert}/C{--key} (else C{$HSU_REGISTRY_CERT}/C{$HSU_REGISTRY_KEY}) present
+a client certificate; C{--token} (better: C{$HSU_REGISTRY_TOKEN}, which
+C{ps} does not show) is sent as a bearer token.
 
 Exit codes: 0 success, 1 module not found (or no provider of the service),
 2 usage error, 3 registry unreachable (or failing), 4 request refused by the
@@ -51,7 +55,15 @@ from hsu_registry.client.model import (
     RemoteModuleAPI,
     ServiceProvider,
 )
-from hsu_registry.client.urls import DEFAULT_URL, ENVIRONMENT_VARIABLE, parse_registry_url
+from hsu_registry.client.urls import (
+    CA_VARIABLE,
+    CERT_VARIABLE,
+    DEFAULT_URL,
+    ENVIRONMENT_VARIABLE,
+    KEY_VARIABLE,
+    TOKEN_VARIABLE,
+    parse_registry_url,
+)
 from hsu_registry.durations import format_duration
 from hsu_registry.errors import InvalidRequest
 from hsu_registry.model import DEFAULT_LIMITS, validate_id
@@ -213,8 +225,34 @@ def _add_global_options(parser: argparse.ArgumentParser, *, after_command: bool)
     group.add_argument(
         "--url",
         default=default(None),
-        help=f"the registry: tcp://HOST:PORT, http://HOST:PORT or unix:///PATH "
-        f"(default: ${ENVIRONMENT_VARIABLE}, else {DEFAULT_URL})",
+        help=f"the registry: tcp://HOST:PORT, http://HOST:PORT, https://HOST:PORT or "
+        f"unix:///PATH (default: ${ENVIRONMENT_VARIABLE}, else {DEFAULT_URL})",
+    )
+    group.add_argument(
+        "--ca",
+        default=default(None),
+        metavar="FILE",
+        help=f"https: the PEM file of the CA(s) that signed the registry's certificate "
+        f"(default: ${CA_VARIABLE}, else the system's CAs)",
+    )
+    group.add_argument(
+        "--cert",
+        default=default(None),
+        metavar="FILE",
+        help=f"https: the PEM file of a client certificate to present (default: ${CERT_VARIABLE})",
+    )
+    group.add_argument(
+        "--key",
+        default=default(None),
+        metavar="FILE",
+        help=f"https: the PEM file of its private key "
+        f"(default: ${KEY_VARIABLE}, else --cert's file)",
+    )
+    group.add_argument(
+        "--token",
+        default=default(None),
+        help=f"a bearer token sent with every request (default: ${TOKEN_VARIABLE}, "
+        "which other users cannot see in ps)",
     )
     group.add_argument(
         "--timeout",
@@ -733,8 +771,8 @@ def run(
     Run the command line C{argv} (without the program name) and return its
     exit code; nothing here exits the process.
 
-    @param environ: where C{$HSU_REGISTRY_URL} is looked up (default:
-        L{os.environ}).
+    @param environ: where C{$HSU_REGISTRY_URL} (and C{_CA}, C{_CERT}, C{_KEY},
+        C{_TOKEN}) are looked up (default: L{os.environ}).
     """
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
@@ -754,7 +792,18 @@ def run(
         except ValueError as e:
             where = "--url" if args.url is not None else f"${ENVIRONMENT_VARIABLE}"
             raise _UsageError(f"{where}: {e}") from None
-        client = BlockingRegistryClient(address.url, args.timeout)
+        try:
+            client = BlockingRegistryClient(
+                address.url,
+                args.timeout,
+                ca=args.ca,
+                cert=args.cert,
+                key=args.key,
+                token=args.token,
+                environ=env,
+            )
+        except ValueError as e:
+            raise _UsageError(str(e)) from None
     except _UsageError as e:
         return fail(EXIT_USAGE, e)
     except _Exit as e:

@@ -17,9 +17,11 @@ __all__ = [
     "InvalidRequest",
     "ModuleNotFound",
     "NotOwner",
+    "QuotaExceeded",
     "RegistryError",
     "RegistryFull",
     "StoreUnavailable",
+    "TooManyRequests",
     "Unauthorized",
 ]
 
@@ -64,6 +66,27 @@ class Forbidden(RegistryError):
     identity, or the policy grants no such right.  The message says why
     without naming the owner.
     """
+
+    status = 403
+
+
+class TooManyRequests(RegistryError):
+    """
+    The caller's identity spent its rate of requests; answered 429 with
+    C{Retry-After}.
+    """
+
+    status = 429
+
+    def __init__(
+        self, message: str, context: Mapping[str, Any] | None = None, retry_after: float = 1.0
+    ) -> None:
+        super().__init__(message, context)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(RegistryError):
+    """The change would take the caller's identity past one of its quotas (which it names)."""
 
     status = 403
 

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from hsu_registry.security.identity import ANONYMOUS, Identity
+from hsu_registry.security.limits import RateLimiter
 
 if TYPE_CHECKING:
     from hsu_registry.model import CheckTarget, PublishRequest, Registration
@@ -120,6 +121,11 @@ class IRegistry(Interface):
     epoch = Attribute("A string, new for every registry instance (every daemon start).")
     clock = Attribute("The IReactorTime the registry reads time from.")
     stale_after = Attribute("Seconds without a heartbeat after which a module is not discoverable.")
+    read_limiter = Attribute(
+        "The per-identity RateLimiter of expensive reads (catalog, services, watch, "
+        "blocking queries)."
+    )
+    write_limiter = Attribute("The per-identity RateLimiter of writes.")
     policy = Attribute(
         "The hsu_registry.security.policy.Policy deciding who may read, publish and "
         "administer; replaced as a whole when it is reloaded."
@@ -176,6 +182,14 @@ class IRegistry(Interface):
 
         @return: a Deferred firing with the L{hsu_registry.registry.Change},
             or L{None} for a heartbeat.
+        """
+
+    def spend(limiter: RateLimiter, identity: Identity) -> None:
+        """
+        Spend one of C{identity}'s requests from C{limiter}; admins are not
+        limited.
+
+        @raise hsu_registry.errors.TooManyRequests: when none is left for now.
         """
 
     def discover(module_id: str) -> Registration:

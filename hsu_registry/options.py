@@ -16,6 +16,7 @@ from hsu_registry import __version__
 from hsu_registry.config import RegistryConfig
 from hsu_registry.durations import parse_duration
 from hsu_registry.endpoints import DEFAULT_ENDPOINT, check_description, tcp_endpoint, unix_endpoint
+from hsu_registry.security.limits import Quotas
 from hsu_registry.stores import parse_store_spec
 from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
 
@@ -29,6 +30,16 @@ def _positive_int(name: str, text: str) -> int:
         raise usage.UsageError(f"--{name} must be an integer, not {text!r}") from None
     if value < 1:
         raise usage.UsageError(f"--{name} must be at least 1")
+    return value
+
+
+def _positive_rate(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
+    if not 0 < value < 1e9:
+        raise usage.UsageError(f"--{name} must be more than 0 a second")
     return value
 
 
@@ -81,6 +92,27 @@ class Options(usage.Options):
             None,
             None,
             "The seed's flag: 'tcp' (with --tcp-address) or 'unix' (with --socket-path).",
+        ],
+        [
+            "write-rate",
+            None,
+            "50",
+            "Writes (publish, heartbeat, unpublish) a second per identity, in bursts of "
+            "4x that (more: 429); admins are not limited.",
+        ],
+        [
+            "read-rate",
+            None,
+            "20",
+            "Expensive reads (catalog, services, watch, blocking queries) a second per "
+            "identity, in bursts of 2.5x that (more: 429).",
+        ],
+        ["max-modules-per-identity", None, "10000", "Most modules one identity may hold."],
+        [
+            "max-metadata-per-identity",
+            None,
+            str(4 * 1024 * 1024),
+            "Most bytes of metadata (keys and values) one identity's modules may hold.",
         ],
         [
             "policy",
@@ -182,6 +214,8 @@ class Options(usage.Options):
                     raise ValueError(str(e)) from None
         except ValueError as e:
             raise usage.UsageError(f"--store: {e}") from None
+        write_rate = _positive_rate("write-rate", self["write-rate"])
+        read_rate = _positive_rate("read-rate", self["read-rate"])
         policy = self["policy"]
         if policy is not None and policy != "open":
             from hsu_registry.security.policy import PolicyError, load_policy
@@ -205,4 +239,16 @@ class Options(usage.Options):
             process_binding=not self["no-process-binding"],
             check_concurrency=_positive_int("check-concurrency", self["check-concurrency"]),
             policy=policy,
+            quotas=Quotas(
+                write_rate=write_rate,
+                write_burst=max(1, int(write_rate * 4)),
+                read_rate=read_rate,
+                read_burst=max(1, int(read_rate * 2.5)),
+                max_modules=_positive_int(
+                    "max-modules-per-identity", self["max-modules-per-identity"]
+                ),
+                max_metadata_bytes=_positive_int(
+                    "max-metadata-per-identity", self["max-metadata-per-identity"]
+                ),
+            ),
         )

@@ -53,6 +53,7 @@ from hsu_registry.model import (
 )
 from hsu_registry.processes.table import ProcessIdentity
 from hsu_registry.security.identity import ANONYMOUS, Identity
+from hsu_registry.security.limits import OwnerUsage, Quotas, RateLimiter
 from hsu_registry.security.policy import Policy, default_policy
 
 __all__ = ["Change", "ChangeKind", "HealthStatus", "Registry"]
@@ -135,6 +136,7 @@ class Registry:
         discover_heartbeat: bool = True,
         processes: IProcessMonitor | None = None,
         policy: Policy | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         if expire_after < stale_after:
             raise ValueError("expire_after must not be less than stale_after")
@@ -148,6 +150,19 @@ class Registry:
         # Who may do what (replaced as a whole on reload); ownership is
         # enforced here, on every write, unless the policy is open.
         self.policy = policy if policy is not None else default_policy()
+        # Per-identity rates and quotas (admins are exempt): see
+        # hsu_registry.security.limits.
+        self.quotas = quotas if quotas is not None else Quotas()
+        self.write_limiter = RateLimiter(
+            self.quotas.write_rate, self.quotas.write_burst, "writes", self.quotas.max_tracked
+        )
+        self.read_limiter = RateLimiter(
+            self.quotas.read_rate,
+            self.quotas.read_burst,
+            "expensive reads",
+            self.quotas.max_tracked,
+        )
+        self.usage = OwnerUsage()
         self.index = 0
         self.epoch = epoch if epoch is not None else uuid.uuid4().hex
         self.started_at = clock.seconds()
@@ -385,6 +400,18 @@ class Registry:
     ) -> Deferred[Change | None]:
         return self._serialised(request.module_id, lambda: self._publish(request, identity))
 
+    def spend(self, limiter: RateLimiter, identity: Identity) -> None:
+        """
+        Spend one of C{identity}'s requests from C{limiter} (admins are not
+        limited).  The HTTP API spends before each write and expensive read:
+        rates bound callers at the edge, not the host application's own
+        calls.
+
+        @raise TooManyRequests: when it has none left for now.
+        """
+        if not self.policy.open and not self.policy.is_admin(identity):
+            limiter.take(identity.principal, self._clock.seconds())
+
     def _publish(self, request: PublishRequest, caller: Identity) -> Deferred[Change | None]:
         now = self._clock.seconds()
         existing = self._modules.get(request.module_id)
@@ -434,6 +461,21 @@ class Registry:
             )
             return succeed(None)
 
+        if not self.policy.open and not self.policy.is_admin(caller):
+            previous = Registration.from_plain(existing) if existing is not None else None
+            exceeded = self.usage.refusal(self.quotas, registration, previous)
+            if exceeded is not None:
+                if existing is None:
+                    self._reserved -= 1
+                self.log.warn(
+                    "Refused publish of module {module_id} by {identity}: {reason}",
+                    module_id=request.module_id,
+                    identity=caller.principal,
+                    reason=exceeded.message,
+                    audit=True,
+                )
+                return fail(exceeded)
+
         def release(outcome: object) -> object:
             if existing is None:
                 self._reserved -= 1
@@ -455,8 +497,11 @@ class Registry:
             self._insert(registration, now)
             kind = ChangeKind.PUBLISHED
         else:
-            self._index_services(Registration.from_plain(previous), add=False)
+            replaced = Registration.from_plain(previous)
+            self._index_services(replaced, add=False)
             self._index_services(registration, add=True)
+            self.usage.remove(replaced)
+            self.usage.add(registration)
             self._modules[module_id] = registration.plain()
             self._total_apis += registration.api_count - previous[4]
             self._last_seen[module_id] = now
@@ -496,6 +541,7 @@ class Registry:
     def _insert(self, registration: Registration, last_seen: float) -> None:
         module_id = registration.module_id
         self._index_services(registration, add=True)
+        self.usage.add(registration)
         self._modules[module_id] = registration.plain()
         self._last_seen[module_id] = last_seen
         self._total_apis += registration.api_count
@@ -730,6 +776,7 @@ class Registry:
         self._total_apis -= plain[4]
         registration = Registration.from_plain(plain)
         self._index_services(registration, add=False)
+        self.usage.remove(registration)
         return registration
 
     def unpublish(

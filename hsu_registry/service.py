@@ -220,6 +220,7 @@ class RegistryService(MultiService):
         self.registry = Registry(
             self.store,
             policy=build_policy(config.policy),
+            quotas=config.quotas,
             clock=reactor,
             stale_after=config.stale_after,
             expire_after=config.expire_after,

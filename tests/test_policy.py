@@ -191,3 +191,27 @@ class ReloadTests(SynchronousTestCase):
         errors = [e for e in events if "Kept the policy" in e["log_format"]]
         self.assertEqual(len(errors), 1)
         self.assertIn("is not valid", errors[0]["error"])
+
+
+class ShippedExampleTests(SynchronousTestCase):
+    def test_etc_policy_loads(self) -> None:
+        """etc/policy.toml, the README's example, is a valid policy (given an hsu group)."""
+        import grp
+
+        real = grp.getgrnam
+
+        def getgrnam(name: str) -> grp.struct_group:
+            if name == "hsu":
+                return grp.struct_group(("hsu", "x", 4242, ["root"]))
+            return real(name)
+
+        self.patch(grp, "getgrnam", getgrnam)
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc", "policy.toml")
+        policy = load_policy(path, registry_uid=999)
+        self.assertEqual(
+            policy.token_identity("change-me-example-token"), Identity("token", "deployer")
+        )
+        member = Identity("uid", "0", uid=0, gid=0)
+        self.assertIsNone(policy.publish_refusal(member, "anything", ["x"]))
+        self.assertTrue(policy.may_read(ANONYMOUS))
+        self.assertIsNotNone(policy.publish_refusal(ECHO_CERT, "billing", ["echo.v1"]))

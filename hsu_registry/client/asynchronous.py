@@ -1,18 +1,19 @@
 # -*- test-case-name: tests.test_client -*-
 """
 L{RegistryClient}: the Twisted-native client, on L{twisted.web.client.Agent}
-with persistent connections, over TCP or a unix socket.
+with persistent connections, over TCP, TLS (C{https://}, with an optional
+client certificate) or a unix socket, with an optional bearer token.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -41,8 +42,16 @@ from hsu_registry.client.protocol import (
     unavailable,
     unpublish_call,
 )
-from hsu_registry.client.urls import RegistryAddress, parse_registry_url
+from hsu_registry.client.urls import (
+    ClientCredentials,
+    RegistryAddress,
+    client_credentials,
+    parse_registry_url,
+)
 from hsu_registry.client.watching import Catalog, Watch
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 __all__ = ["RegistryClient"]
 
@@ -53,18 +62,26 @@ _JSON_HEADERS = Headers({b"content-type": [b"application/json"]})
 class _FixedEndpoint:
     """Every request goes to the registry, whatever the URL's host says."""
 
-    def __init__(self, reactor: Any, address: RegistryAddress, timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        address: RegistryAddress,
+        timeout: float,
+        tls: IOpenSSLClientConnectionCreator | None = None,
+    ) -> None:
         self._reactor = reactor
         self._address = address
         self._timeout = timeout
+        self._tls = tls
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         if self._address.path is not None:
             return UNIXClientEndpoint(self._reactor, self._address.path, timeout=self._timeout)
         assert self._address.host is not None and self._address.port is not None
-        return HostnameEndpoint(
+        endpoint = HostnameEndpoint(
             self._reactor, self._address.host, self._address.port, timeout=self._timeout
         )
+        return endpoint if self._tls is None else wrapClientTLS(self._tls, endpoint)
 
 
 class RegistryClient:
@@ -73,30 +90,77 @@ class RegistryClient:
     Deferred that fires with the result or fails with a
     L{hsu_registry.client.errors.RegistryError}, within C{timeout} seconds.
 
-    @param url: C{tcp://host:port}, C{http://host:port} or
-        C{unix:///path}; default C{$HSU_REGISTRY_URL}, else the daemon's default.
+    @param url: C{tcp://host:port}, C{http://host:port}, C{https://host:port}
+        (any with a base path) or C{unix:///path}; default C{$HSU_REGISTRY_URL},
+        else the daemon's default.
     @param reactor: default: the global reactor.
+    @param ca: for C{https://}: the PEM file of the CA(s) the registry's
+        certificate must be signed by; its name must match the URL's host.
+        Default: C{$HSU_REGISTRY_CA}, else the system's trusted CAs.
+    @param cert: for C{https://}: the PEM file of the client certificate (and
+        its chain) to present.  Default: C{$HSU_REGISTRY_CERT}, else none.
+    @param key: its private key's PEM file.  Default: C{$HSU_REGISTRY_KEY},
+        else C{cert}'s file.
+    @param token: a bearer token sent with every request.  Default:
+        C{$HSU_REGISTRY_TOKEN}, else none.
+    @param environ: where the C{$HSU_REGISTRY_*} variables are looked up
+        (default: L{os.environ}).
+
+    @raise ValueError: for a bad URL, timeout, token, or a TLS file that cannot
+        be read or used, saying which.
     """
 
-    def __init__(self, url: str | None = None, reactor: Any = None, timeout: float = 5.0) -> None:
-        self.address = parse_registry_url(url)
+    def __init__(
+        self,
+        url: str | None = None,
+        reactor: Any = None,
+        timeout: float = 5.0,
+        *,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.address = parse_registry_url(url, environ)
         timeout = check_timeout(timeout)
+        self.credentials: ClientCredentials = client_credentials(
+            self.address, ca, cert, key, token, environ
+        )
+        tls: IOpenSSLClientConnectionCreator | None = None
+        if self.address.tls:
+            # Imported here: plain http and unix clients never load pyOpenSSL.
+            from hsu_registry.security.tls import client_tls_options
+
+            assert self.address.host is not None
+            tls = client_tls_options(
+                self.address.host, self.credentials.ca, self.credentials.cert, self.credentials.key
+            )
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
         self._reactor = reactor
         self.timeout = timeout
+        # The request headers, made once: the token costs nothing per request.
+        self._authorization = self.credentials.authorization
+        self._plain_headers: Headers | None = None
+        self._json_headers = _JSON_HEADERS
+        if self._authorization is not None:
+            self._plain_headers = Headers({b"authorization": [self._authorization]})
+            self._json_headers = Headers(
+                {b"content-type": [b"application/json"], b"authorization": [self._authorization]}
+            )
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 4
-        self._endpoints = _FixedEndpoint(reactor, self.address, timeout)
+        self._endpoints = _FixedEndpoint(reactor, self.address, timeout, tls)
         self._agent = Agent.usingEndpointFactory(reactor, self._endpoints, pool=self._pool)
 
     def __repr__(self) -> str:
         return f"<RegistryClient {self.address.url}>"
 
     def _request(self, call: Call) -> Deferred[Any]:
-        headers = _JSON_HEADERS if call.body is not None else None
+        headers = self._json_headers if call.body is not None else self._plain_headers
         body = _BytesProducer(call.body) if call.body is not None else None
         d = self._agent.request(
             call.method.encode("ascii"),
@@ -182,7 +246,7 @@ class RegistryClient:
 
     def catalog(self) -> Deferred[Catalog]:
         """Every registration (C{GET /api/v1/modules}) with the change index and epoch."""
-        d = self._agent.request(b"GET", self.address.base + b"/api/v1/modules")
+        d = self._agent.request(b"GET", self.address.base + b"/api/v1/modules", self._plain_headers)
 
         def answered(response: Any) -> Deferred[Catalog]:
             def parse(body: bytes) -> Catalog:
@@ -226,8 +290,26 @@ def _describe(failure: Failure) -> str:
     reasons = getattr(value, "reasons", None)
     if reasons:
         return "; ".join(_describe(r) for r in reasons)
-    text = str(value).strip() or type(value).__name__
+    text = _tls_problem(value) or str(value).strip() or type(value).__name__
     return " ".join(text.split())
+
+
+def _tls_problem(error: BaseException | None) -> str | None:
+    """
+    A TLS failure said plainly: pyOpenSSL's and service_identity's errors
+    print as lists and reprs.
+    """
+    if error is None:
+        return None
+    module = type(error).__module__
+    if module.startswith("service_identity"):
+        kinds = ", ".join(type(e).__name__ for e in getattr(error, "errors", ()))
+        return f"its certificate is not for the URL's host ({kinds or type(error).__name__})"
+    if module.startswith("OpenSSL") and error.args and isinstance(error.args[0], list):
+        reasons = [str(r[-1]) for r in error.args[0] if isinstance(r, tuple) and r]
+        if reasons:
+            return "TLS handshake failed: " + "; ".join(reasons)
+    return None
 
 
 @implementer(IBodyProducer)

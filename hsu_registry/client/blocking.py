@@ -2,7 +2,9 @@
 """
 L{BlockingRegistryClient}: a synchronous client on the standard library only,
 for code with no reactor.  Each thread keeps its own persistent connection,
-so one client may be shared by many threads.
+so one client may be shared by many threads.  Over C{https://} it verifies
+the registry's certificate and name (L{ssl}) and may present a client
+certificate; any transport may carry a bearer token.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import ssl
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from hsu_registry.client.errors import RegistryError
@@ -35,7 +38,12 @@ from hsu_registry.client.protocol import (
     unavailable,
     unpublish_call,
 )
-from hsu_registry.client.urls import RegistryAddress, parse_registry_url
+from hsu_registry.client.urls import (
+    ClientCredentials,
+    RegistryAddress,
+    client_credentials,
+    parse_registry_url,
+)
 
 __all__ = ["BlockingRegistryClient"]
 
@@ -46,6 +54,8 @@ _STALE_CONNECTION = (
     http.client.BadStatusLine,
     ConnectionResetError,
     BrokenPipeError,
+    # A TLS connection closed without close_notify.
+    ssl.SSLEOFError,
 )
 
 
@@ -72,11 +82,47 @@ class BlockingRegistryClient:
     raising L{hsu_registry.client.errors.RegistryError}s.
 
     @param timeout: seconds for connecting and for each answer.
+    @param ca: for C{https://}: the PEM file of the CA(s) the registry's
+        certificate must be signed by; its name must match the URL's host.
+        Default: C{$HSU_REGISTRY_CA}, else the system's trusted CAs.
+    @param cert: for C{https://}: the PEM file of the client certificate (and
+        its chain) to present.  Default: C{$HSU_REGISTRY_CERT}, else none.
+    @param key: its private key's PEM file.  Default: C{$HSU_REGISTRY_KEY},
+        else C{cert}'s file.
+    @param token: a bearer token sent with every request.  Default:
+        C{$HSU_REGISTRY_TOKEN}, else none.
+    @param environ: where the C{$HSU_REGISTRY_*} variables are looked up
+        (default: L{os.environ}).
+
+    @raise ValueError: for a bad URL, timeout, token, or a TLS file that cannot
+        be read or used, saying which.
     """
 
-    def __init__(self, url: str | None = None, timeout: float = 5.0) -> None:
-        self.address: RegistryAddress = parse_registry_url(url)
+    def __init__(
+        self,
+        url: str | None = None,
+        timeout: float = 5.0,
+        *,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.address: RegistryAddress = parse_registry_url(url, environ)
         self.timeout = check_timeout(timeout)
+        self.credentials: ClientCredentials = client_credentials(
+            self.address, ca, cert, key, token, environ
+        )
+        self._tls: ssl.SSLContext | None = (
+            _tls_context(self.credentials) if self.address.tls else None
+        )
+        # The request headers, made once: the token costs nothing per request.
+        self._plain_headers: dict[str, str] = {}
+        authorization = self.credentials.authorization
+        if authorization is not None:
+            self._plain_headers["Authorization"] = authorization.decode("ascii")
+        self._json_headers = {**self._plain_headers, "Content-Type": "application/json"}
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -87,6 +133,10 @@ class BlockingRegistryClient:
         if self.address.path is not None:
             return _UnixHTTPConnection(self.address.path, timeout)
         assert self.address.host is not None
+        if self._tls is not None:
+            return http.client.HTTPSConnection(
+                self.address.host, self.address.port, timeout=timeout, context=self._tls
+            )
         return http.client.HTTPConnection(self.address.host, self.address.port, timeout=timeout)
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -104,7 +154,7 @@ class BlockingRegistryClient:
     def _exchange(self, call: Call) -> tuple[int, bytes]:
         connection = self._connection()
         reused = connection.sock is not None
-        headers = {"Content-Type": "application/json"} if call.body is not None else {}
+        headers = self._json_headers if call.body is not None else self._plain_headers
         try:
             connection.request(call.method, self.address.target(call.path), call.body, headers)
             response = connection.getresponse()
@@ -200,7 +250,7 @@ class BlockingRegistryClient:
         index and epoch.
         """
         connection = self._new_connection(idle_timeout)
-        headers = {"Accept": "text/event-stream"}
+        headers = {**self._plain_headers, "Accept": "text/event-stream"}
         if last_index is not None:
             headers["Last-Event-ID"] = str(last_index)
             if epoch:
@@ -229,6 +279,54 @@ class BlockingRegistryClient:
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
         self._drop_connection()
+
+
+def _tls_context(credentials: ClientCredentials) -> ssl.SSLContext:
+    """
+    The TLS settings of an https registry: its certificate verified against
+    C{credentials.ca} (else the system's CAs) and its name against the URL's
+    host (C{check_hostname}); C{credentials.cert} presented when given.
+
+    @raise ValueError: when a file cannot be read or used, saying which.
+    """
+    ca, cert, key = credentials.ca, credentials.cert, credentials.key
+    for path, what in ((ca, "CA file"), (cert, "client certificate"), (key, "client key")):
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ValueError(f"cannot read the {what} {path!r}: {e.strerror or e}") from None
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"the CA file {ca!r} holds no usable PEM certificate ({_ssl_reason(e)})"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        try:
+            # The callable refuses an encrypted key rather than let OpenSSL
+            # prompt for its passphrase on the terminal.
+            context.load_cert_chain(cert, key, password=_no_passphrase)
+        except (ValueError, ssl.SSLError) as e:
+            reason = _ssl_reason(e) if isinstance(e, ssl.SSLError) else str(e)
+            raise ValueError(
+                f"cannot use the client certificate {cert!r} with the key {key or cert!r}: {reason}"
+            ) from None
+    return context
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the key is encrypted (an unencrypted PEM key is needed)")
+
+
+def _ssl_reason(error: ssl.SSLError) -> str:
+    if error.reason == "KEY_VALUES_MISMATCH":
+        return "the key is not the certificate's"
+    if error.reason is None and "PEM lib" in str(error):
+        return "expected a PEM certificate and an unencrypted PEM private key"
+    return (error.reason or str(error)).replace("_", " ").lower()
 
 
 def _describe(error: BaseException) -> str:

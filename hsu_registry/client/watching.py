@@ -116,6 +116,8 @@ class Watch:
     def _connect(self) -> None:
         self._retry = None
         headers = Headers({b"accept": [b"text/event-stream"]})
+        if self.client._authorization is not None:
+            headers.addRawHeader(b"authorization", self.client._authorization)
         if self.last_index is not None:
             headers.addRawHeader(b"last-event-id", b"%d" % self.last_index)
             if self.epoch:

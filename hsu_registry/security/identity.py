@@ -6,6 +6,8 @@ never as the caller claims.
 - Unix socket: the peer's uid, gid and PID from C{SO_PEERCRED}.
 - Loopback TCP: the uid owning the client's end of the connection
   (L{hsu_registry.security.sockdiag}), so unmodified clients get one too.
+- An C{mtls:} endpoint: the client certificate's identity (see
+  L{hsu_registry.security.tls}).
 - Anything else: C{anonymous}.
 
 An identity's principal (C{uid:1000}, C{anonymous}...) is what a
@@ -20,6 +22,7 @@ import struct
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.interfaces import ISSLTransport
 
 from hsu_registry.security.sockdiag import loopback_peer_uid
 
@@ -79,6 +82,11 @@ def connection_identity(transport: Any) -> Identity:
     unix-socket and loopback TCP peers, else L{ANONYMOUS} (remote TCP,
     in-memory transports, anything that cannot say).
     """
+    if ISSLTransport.providedBy(transport):
+        # An mtls: endpoint's verified client (OpenSSL is imported only then).
+        from hsu_registry.security.tls import certificate_identity
+
+        return certificate_identity(transport) or ANONYMOUS
     get_handle = getattr(transport, "getHandle", None)
     if get_handle is None:
         return ANONYMOUS

@@ -7,6 +7,7 @@ as JSON from one place.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from hsu_registry.errors import (
     InvalidRequest,
     ModuleNotFound,
     RegistryError,
+    TooManyRequests,
     Unauthorized,
 )
 from hsu_registry.interfaces import IRegistry
@@ -100,12 +102,20 @@ class RegistryAPI:
             raise Unauthorized("the bearer token is not known to this registry")
         return identity
 
-    def _check_read(self, request: IRequest) -> None:
-        """Refuse a read (discover, catalog, services, watch) the policy does not grant."""
+    def _check_read(self, request: IRequest, expensive: bool = False) -> None:
+        """
+        Refuse a read (discover, catalog, services, watch) the policy does not
+        grant, and an expensive one (all but a plain discover) past the
+        caller's rate.
+        """
         policy = self.registry.policy
-        if policy.everyone_reads:
-            return  # the default: nobody needs to be identified to read
+        if policy.everyone_reads and not expensive:
+            return  # the default: nobody needs to be identified to discover
         identity = self.identity(request)
+        if expensive:
+            self.registry.spend(self.registry.read_limiter, identity)
+        if policy.everyone_reads:
+            return
         if not policy.may_read(identity):
             self.log.warn(
                 "Refused read {path} by {identity}: no grant to read",
@@ -121,13 +131,15 @@ class RegistryAPI:
     def publish(self, request: IRequest) -> bytes | Deferred[bytes]:
         body = request.content.read() if request.content is not None else b""
         parsed = parse_publish_body(body, self.limits)
-        done = self.registry.publish(parsed, self.identity(request))
+        identity = self.identity(request)
+        self.registry.spend(self.registry.write_limiter, identity)
+        done = self.registry.publish(parsed, identity)
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
     def discover(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
-        self._check_read(request)
         args = request.args or {}
+        self._check_read(request, expensive=b"wait" in args or b"index" in args)
         passing = _parse_passing(args.get(b"passing"))  # before any wait: a 400 at once
         if b"wait" in args or b"index" in args:
             return self._blocking(
@@ -159,12 +171,14 @@ class RegistryAPI:
     def unpublish(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
         args = request.args or {}
         process_id = parse_process_id(args.get(b"processID"), self.limits)
-        done = self.registry.unpublish(moduleID, process_id, self.identity(request))
+        identity = self.identity(request)
+        self.registry.spend(self.registry.write_limiter, identity)
+        done = self.registry.unpublish(moduleID, process_id, identity)
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/modules", methods=["GET"])
     def modules(self, request: IRequest) -> bytes | Deferred[bytes]:
-        self._check_read(request)
+        self._check_read(request, expensive=True)
         return self._maybe_blocking(request, lambda: self._modules(request))
 
     def _modules(self, request: IRequest) -> bytes:
@@ -185,7 +199,7 @@ class RegistryAPI:
 
     @app.route("/api/v1/modules/<moduleID>", methods=["GET"])
     def module(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
-        self._check_read(request)
+        self._check_read(request, expensive=b"index" in (request.args or {}))
         return self._maybe_blocking(request, lambda: self._module(request, moduleID))
 
     def _module(self, request: IRequest, module_id: str) -> bytes:
@@ -205,7 +219,7 @@ class RegistryAPI:
 
     @app.route("/api/v1/services/<serviceID>", methods=["GET"])
     def service(self, request: IRequest, serviceID: str) -> bytes | Deferred[bytes]:
-        self._check_read(request)
+        self._check_read(request, expensive=True)
         passing = _parse_passing((request.args or {}).get(b"passing"))
         return self._maybe_blocking(request, lambda: self._service(request, serviceID, passing))
 
@@ -235,7 +249,7 @@ class RegistryAPI:
 
     @app.route("/api/v1/watch", methods=["GET"])
     def watch(self, request: IRequest) -> Any:
-        self._check_read(request)
+        self._check_read(request, expensive=True)
         last = request.getHeader(b"last-event-id")
         args = request.args or {}
         if last is None and args.get(b"index"):
@@ -305,7 +319,9 @@ class RegistryAPI:
     def heartbeat(self, request: IRequest, moduleID: str) -> bytes:
         args = request.args or {}
         process_id = parse_process_id(args.get(b"processID"), self.limits)
-        self.registry.heartbeat(moduleID, process_id, self.identity(request))
+        identity = self.identity(request)
+        self.registry.spend(self.registry.write_limiter, identity)
+        self.registry.heartbeat(moduleID, process_id, identity)
         return json_response(request, SUCCESS)
 
     @app.route("/api/v1/health", methods=["GET"])
@@ -336,6 +352,8 @@ class RegistryAPI:
         if isinstance(error, RegistryError):
             if isinstance(error, Unauthorized):
                 request.setHeader(b"www-authenticate", b'Bearer realm="hsu-registry"')
+            elif isinstance(error, TooManyRequests):
+                request.setHeader(b"retry-after", b"%d" % math.ceil(error.retry_after))
             return error_response(request, error.status, error.message, error.context)
         if isinstance(error, MethodNotAllowed):
             allowed = sorted(error.valid_methods or ())
