@@ -19,7 +19,17 @@ below the daemon's listen backlog (1024), each batch waited for.
     (C{GET /api/v1/modules?index=<X-HSU-Index>&wait=60s}).  A query is
     I{held} when the daemon has accepted its connection and read its request
     (C{/proc/net/tcp}: the daemon's socket is among its file descriptors and
-    has nothing left to read) and it has not been answered.
+    has nothing left to read) and it has not been answered.  The daemon's
+    side of each connection is found by both ends' addresses (127.0.0.1 and
+    the daemon's port, 127.0.0.1 and the connection's own port), not by the
+    port number alone: any other socket on the machine may have the same
+    number on another address (or be another process's connection to the
+    daemon); those are counted apart, never waited for.  A wait for the
+    daemon to settle ends after C{SETTLE_TIMEOUT} seconds without progress;
+    when the daemon spent most of them waiting for a CPU (its C{schedstat}),
+    the section is not measured, with that reason in its JSON and table,
+    instead of failing; otherwise the daemon's failure to accept or read is
+    an error that says so.
  3. Fan-out, watchers only: C{--solo-publishes} changes (a new module each),
     published over a separate persistent connection while only the watchers
     are open.
@@ -65,7 +75,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -99,9 +109,13 @@ LAST_WATCHER_TARGET_MS = 50.0
 BATCH = 200
 #: The wait asked of every blocking query (longer than any round).
 QUERY_WAIT = "60s"
-#: Longest wait for one publish to reach everybody, and for connections to settle.
+#: Longest wait for one publish to reach everybody, and for connections to
+#: settle without progress (s).
 ROUND_TIMEOUT = 20.0
 SETTLE_TIMEOUT = 30.0
+#: A daemon that spent this share of a stalled wait runnable but waiting for a
+#: CPU was starved by the machine: the section is not measured.
+STARVED_SHARE = 0.5
 #: File descriptors kept beyond the connections (the daemon's and ours).
 FD_MARGIN = 256
 #: Linux: stamp received data with the kernel's time (not in the socket module).
@@ -218,6 +232,8 @@ class Connection:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.sock: socket.socket | None = None
+        #: This end's port on 127.0.0.1, once connected (kept after closing).
+        self.local_port: int | None = None
         self.closing = False
         self.lost_at: float | None = None
         self.lost_reason: str | None = None
@@ -234,6 +250,7 @@ class Connection:
             sock.close()
             raise
         self.sock = sock
+        self.local_port = sock.getsockname()[1]
         loop.add_reader(sock.fileno(), self._readable)
         self.connected()
 
@@ -432,23 +449,60 @@ def _query(index: int) -> bytes:
 # -- what /proc tells about the daemon ----------------------------------------
 
 
+#: 127.0.0.1 as C{/proc/net/tcp} writes an address: its bytes as a native-order
+#: 32-bit number, in hexadecimal.
+_HOST_HEX = f"{struct.unpack('=I', socket.inet_aton(HOST))[0]:08X}"
+
+
 @dataclass
 class Census:
-    """The daemon's side of its established TCP connections."""
+    """
+    The daemon's side of this client's TCP connections, and the other
+    established sockets with the daemon's port number.
+    """
 
-    established: int = 0  # on the listening port, in the kernel
+    established: int = 0  # this client's connections, in the kernel
     accepted: int = 0  # of which the daemon holds the socket (accept() done)
     unread: int = 0  # with request bytes the daemon has not read
     unsent: int = 0  # with answer bytes not yet taken by the client
+    lingering: int = 0  # connections this client closed, still established
+    strangers: int = 0  # other connections to the daemon: not this client's
+    elsewhere: int = 0  # the port number on another address: not the daemon's
 
     def settled(self, connections: int) -> bool:
-        """Whether exactly C{connections} are accepted, all read and all sent."""
+        """
+        Whether exactly C{connections} are accepted, all read and all sent,
+        and none this client closed is left.
+        """
         return (
             self.established == connections
             and self.accepted == connections
             and not self.unread
             and not self.unsent
+            and not self.lingering
         )
+
+    def outstanding(self, connections: int) -> int:
+        """How far from L{settled}: connections not accepted or left, and bytes in flight."""
+        return max(connections - self.accepted, 0) + self.unread + self.unsent + self.lingering
+
+    def describe(self, connections: int, port: int) -> str:
+        """What is not settled, in words."""
+        text = (
+            f"of this client's {connections} connections, {self.established} established, "
+            f"{self.accepted} accepted by the daemon, {self.unread} with request bytes it has "
+            f"not read, {self.unsent} with answer bytes not taken by the client"
+        )
+        if self.lingering:
+            text += f"; {self.lingering} it closed still established at the daemon"
+        if self.strangers:
+            text += f"; {self.strangers} other connections to the daemon (not counted)"
+        if self.elsewhere:
+            text += (
+                f"; {self.elsewhere} sockets with port number {port} on other addresses "
+                "(not the daemon's, not counted)"
+            )
+        return text
 
 
 def _socket_inodes(pid: int) -> set[int]:
@@ -464,25 +518,157 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def census(pid: int, port: int) -> Census:
-    """Count the daemon's connections on C{port} from C{/proc/net/tcp}."""
-    inodes = _socket_inodes(pid)
+def tally(
+    lines: Iterable[str],
+    port: int,
+    peers: Collection[int],
+    inodes: Collection[int],
+    gone: Collection[int] = (),
+) -> Census:
+    """
+    Count the established sockets of C{/proc/net/tcp} (C{lines}) with port
+    number C{port}: the daemon's side of this client's connections, found by
+    both ends' addresses (127.0.0.1:C{port} and 127.0.0.1 with one of the
+    client's ports, C{peers}), each accepted when its inode is among the
+    daemon's (C{inodes}); those of the client's closed connections (their
+    ports C{gone}) still there; and, apart, other connections to the daemon
+    and sockets on other addresses that merely share the port number.
+    """
     found = Census()
-    with open("/proc/net/tcp", encoding="ascii") as table:
-        next(table)
-        for line in table:
-            parts = line.split()
-            if parts[3] != "01" or int(parts[1].rsplit(":", 1)[1], 16) != port:
-                continue
-            tx_queue, rx_queue = (int(x, 16) for x in parts[4].split(":"))
-            found.established += 1
-            if int(parts[9]) in inodes:
-                found.accepted += 1
-            if rx_queue:
-                found.unread += 1
-            if tx_queue:
-                found.unsent += 1
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 10 or parts[3] != "01":
+            continue
+        local_address, _, local_port = parts[1].partition(":")
+        if int(local_port, 16) != port:
+            continue
+        if local_address != _HOST_HEX:
+            found.elsewhere += 1
+            continue
+        remote_address, _, remote_text = parts[2].partition(":")
+        remote_port = int(remote_text, 16) if remote_address == _HOST_HEX else None
+        if remote_port not in peers:
+            if remote_port in gone:
+                found.lingering += 1
+            else:
+                found.strangers += 1
+            continue
+        tx_queue, rx_queue = (int(x, 16) for x in parts[4].split(":"))
+        found.established += 1
+        if int(parts[9]) in inodes:
+            found.accepted += 1
+        if rx_queue:
+            found.unread += 1
+        if tx_queue:
+            found.unsent += 1
     return found
+
+
+def census(pid: int, port: int, peers: Collection[int], gone: Collection[int] = ()) -> Census:
+    """L{tally} C{/proc/net/tcp} for the daemon C{pid} on C{port} and this client's C{peers}."""
+    inodes = _socket_inodes(pid)
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        return tally(table, port, peers, inodes, gone)
+
+
+class Schedule(NamedTuple):
+    """The daemon's main thread as the scheduler saw it."""
+
+    ran_ns: int  # on a CPU (C{/proc/PID/schedstat})
+    waited_ns: int  # runnable, waiting for a CPU
+    state: str  # R running, S sleeping, D waiting in the kernel, T stopped, ...
+
+
+def schedule(pid: int) -> Schedule | None:
+    """The daemon's L{Schedule} now, if the kernel keeps one."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as stat:
+            ran, waited = stat.read().split()[:2]
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[0].decode("ascii")
+        return Schedule(int(ran), int(waited), state)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Unsettled(RuntimeError):
+    """
+    The daemon did not settle: what was outstanding and, from its
+    L{Schedule} over the stalled time, whether the machine starved it of
+    CPU (C{starved}: the section cannot measure) or not (an error).
+    """
+
+    def __init__(
+        self,
+        what: str,
+        connections: int,
+        port: int,
+        found: Census,
+        stalled_s: float,
+        before: Schedule | None,
+        after: Schedule | None,
+    ) -> None:
+        self.found = found
+        self.starved = False
+        message = (
+            f"{what}: the daemon did not settle at {connections} connections "
+            f"(no progress for {stalled_s:.1f} s): {found.describe(connections, port)}"
+        )
+        if before is None or after is None:
+            message += "; the daemon's CPU time is unknown (no /proc/PID/schedstat)"
+        else:
+            ran_ms = (after.ran_ns - before.ran_ns) / 1e6
+            waited_ms = (after.waited_ns - before.waited_ns) / 1e6
+            message += (
+                f"; meanwhile the daemon ran {ran_ms:.0f} ms and waited {waited_ms:.0f} ms "
+                f"for a CPU (state {after.state})"
+            )
+            if after.state == "T":
+                message += ": it is stopped"
+            elif waited_ms >= STARVED_SHARE * stalled_s * 1000:
+                self.starved = True
+                message += ": the machine is too busy to measure"
+            else:
+                message += (
+                    ": it was not starved of CPU, yet it did not accept or read "
+                    "this client's connections"
+                )
+        super().__init__(message)
+
+
+async def settle(
+    read: Callable[[], Census],
+    connections: int,
+    what: str,
+    port: int,
+    *,
+    timeout: float = SETTLE_TIMEOUT,
+    daemon: Callable[[], Schedule | None] = lambda: None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> Census:
+    """
+    Wait until C{read()} says C{connections} are settled (L{Census.settled}),
+    as long as each C{timeout} seconds bring progress (fewer outstanding than
+    ever before): a starved daemon that works through a batch slowly is
+    waited for, a stuck one is not.
+
+    @raise Unsettled: C{timeout} seconds without progress.
+    """
+    best = -1
+    since = clock()
+    before = daemon()
+    while True:
+        found = read()
+        if found.settled(connections):
+            return found
+        left = found.outstanding(connections)
+        now = clock()
+        if best < 0 or left < best:
+            best, since, before = left, now, daemon()
+        elif now - since > timeout:
+            raise Unsettled(what, connections, port, found, now - since, before, daemon())
+        await sleep(0.02)
 
 
 def cpu_ns(pid: int) -> int | None:
@@ -542,20 +728,41 @@ class Fanout:
         self.rounds: list[Round] = []
         self.results: dict[str, Any] = {"notes": []}
         self.index = 0
+        self._noted: set[str] = set()
 
     # -- helpers
 
-    async def _settle(self, connections: int, what: str) -> Census:
-        """Wait until the daemon has accepted C{connections} and read everything sent."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
+    async def _settle(
+        self, connections: Sequence[Connection], what: str, closed: Sequence[Connection] = ()
+    ) -> Census:
+        """
+        Wait until the daemon has accepted C{connections} and read everything
+        sent on them, and let go of the C{closed} ones (see L{settle});
+        others' sockets are noted, not waited for.
+        """
+        peers = {c.local_port for c in connections if c.local_port is not None}
+        gone = {c.local_port for c in closed if c.local_port is not None} - peers
+
+        def read() -> Census:
             self.alive()
-            found = census(self.pid, self.port)
-            if found.settled(connections):
-                return found
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what}: the daemon did not settle at {connections}: {found}")
-            await asyncio.sleep(0.02)
+            return census(self.pid, self.port, peers, gone)
+
+        found = await settle(
+            read, len(connections), what, self.port, daemon=lambda: schedule(self.pid)
+        )
+        if found.strangers and "strangers" not in self._noted:
+            self._noted.add("strangers")
+            self.results["notes"].append(
+                f"{what}: {found.strangers} connections to the daemon were not this client's "
+                "(another process connected to its port): its figures include them"
+            )
+        if found.elsewhere and "elsewhere" not in self._noted:
+            self._noted.add("elsewhere")
+            self.results["notes"].append(
+                f"{what}: {found.elsewhere} sockets of other processes had the daemon's port "
+                f"number ({self.port}) on other addresses: not the daemon's, not counted"
+            )
+        return found
 
     async def rss(self) -> int:
         """The daemon's VmRSS (KiB) once settled: the median of three reads."""
@@ -583,8 +790,9 @@ class Fanout:
             raise RuntimeError(f"/api/v1/modules answered {answer.status} {answer.body[:200]!r}")
         return answer.index
 
-    def _connections(self) -> int:
-        return 1 + len(self.watchers) + len(self.queries)
+    def _connections(self) -> list[Connection]:
+        """Every connection this client has opened and not closed since the warm-up."""
+        return [self.publisher, *self.watchers, *self.queries]
 
     async def _open(self, make: Callable[[], Connection], count: int) -> list[Connection]:
         """C{count} new connections, opened together."""
@@ -607,7 +815,7 @@ class Fanout:
         await query.connect(self.port, 10)
         held = query.send(_query(index))
         await asyncio.wait_for(hello, 10)
-        await self._settle(3, "warm-up")
+        await self._settle([self.publisher, watcher, query], "warm-up")
         if query.answers:
             raise RuntimeError("the warm-up's blocking query was answered before any change")
         change = hub.arm(2, 1, 1)
@@ -616,7 +824,7 @@ class Fanout:
         watcher.close()
         query.close()
         self.index = await self._current_index()
-        await self._settle(1, "after the warm-up")
+        await self._settle([self.publisher], "after the warm-up", closed=[watcher, query])
 
     async def open_watchers(self) -> None:
         hub = self.hub
@@ -969,6 +1177,12 @@ async def _client(settings: Settings, server: Server) -> dict[str, Any]:
             )
         results["client_errors"] = [e for q in [*run.queries, run.publisher] for e in q.errors][:10]
         return results
+    except Unsettled as e:
+        if not e.starved:
+            raise
+        progress(f"not measured: {e}")
+        results["not_measured"] = str(e)
+        return results
     finally:
         run.close_all()
 
@@ -985,6 +1199,8 @@ def render(results: dict[str, Any], notes: bool = True) -> str:
         f"(GET /api/v1/modules?index=N&wait={QUERY_WAIT}) on one daemon, TCP 127.0.0.1, "
         f"{results['meta']['cpus']} CPUs shared with the client.",
     ]
+    if results.get("not_measured"):
+        lines.append(f"Not measured: {results['not_measured']}")
     memory = results.get("memory")
     if memory:
         per_watcher = memory["per_watcher_kib"]

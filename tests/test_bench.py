@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import struct
 import sys
+import time
+from collections.abc import Coroutine
 from typing import Any
 
 from twisted.internet import reactor
@@ -23,6 +27,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from bench.fanout import Census, Schedule, Unsettled, census, settle, tally
+from bench.fanout import render as render_fanout
 from bench.held_queries import measure as measure_held_queries
 from bench.loadgen import LoadSpec, _Load
 
@@ -367,6 +373,7 @@ class QuickBenchmarkTests(TestCase):
             self.assertGreater(cell["load"]["discover"]["requests"], 0, mode)
 
         fanout = results["fanout"]
+        self.assertNotIn("not_measured", fanout, fanout.get("not_measured"))
         for name, count in FANOUT_QUICK.items():
             self.assertEqual(fanout["settings"][name], count, f"fanout {name}")
         for figure in FANOUT_MEMORY:
@@ -670,3 +677,249 @@ class OpenLoopTests(TestCase):
         self.assertGreaterEqual(result["max_send_lag_ms"], 1000)
         self.assertFalse(result["rate_kept"])
         self.assertGreaterEqual(result["behind_connections"], 1)
+
+
+#: The daemon's port in the /proc/net/tcp lines below, and this client's ports.
+PORT = 0xB01D
+PEERS = (40000, 40002, 40004)
+
+
+def _tcp_line(
+    local: str, local_port: int, remote_port: int, inode: int, rx: int = 0, tx: int = 0
+) -> str:
+    """
+    One established socket as C{/proc/net/tcp} writes it, from C{local}
+    (an IPv4 address) to 127.0.0.1:C{remote_port}.
+    """
+    hex_local = f"{struct.unpack('=I', socket.inet_aton(local))[0]:08X}"
+    hex_remote = f"{struct.unpack('=I', socket.inet_aton('127.0.0.1'))[0]:08X}"
+    return (
+        f"   0: {hex_local}:{local_port:04X} {hex_remote}:{remote_port:04X} 01 "
+        f"{tx:08X}:{rx:08X} 00:00000000 00000000  1000        0 {inode} 1 0 20 4 30 10 -1"
+    )
+
+
+_HEADER = (
+    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+    "   uid  timeout inode"
+)
+
+
+class FanoutCensusTests(SynchronousTestCase):
+    """
+    bench.fanout counts the daemon's side of its own connections in
+    C{/proc/net/tcp} by both ends' addresses, not by the port number alone.
+    """
+
+    def ours(self, accepted: int = 3, unread: int = 0) -> list[str]:
+        """The daemon's side of this client's three connections."""
+        return [
+            _tcp_line(
+                "127.0.0.1", PORT, peer, 100 + n if n < accepted else 0, rx=1 if n < unread else 0
+            )
+            for n, peer in enumerate(PEERS)
+        ]
+
+    def test_same_port_number_elsewhere(self) -> None:
+        """
+        A socket with the daemon's port number on another local address (the
+        daemon listens on 127.0.0.1 only), never accepted and with a byte
+        unread, does not keep the daemon from settling: counted by port
+        number alone it made Census(established=4, accepted=3, unread=1), a
+        census that could never settle at 3 (issue 11).
+        """
+        lines = [_HEADER, *self.ours(), _tcp_line("127.0.0.2", PORT, 45000, 0, rx=1)]
+        found = tally(lines, PORT, PEERS, {100, 101, 102})
+        self.assertEqual(found, Census(3, 3, 0, 0, strangers=0, elsewhere=1))
+        self.assertTrue(found.settled(3))
+
+    def test_strangers(self) -> None:
+        """Another process's connection to the daemon is counted apart."""
+        lines = [*self.ours(), _tcp_line("127.0.0.1", PORT, 45001, 200, rx=5)]
+        found = tally(lines, PORT, PEERS, {100, 101, 102, 200})
+        self.assertEqual(found, Census(3, 3, 0, 0, strangers=1, elsewhere=0))
+        self.assertTrue(found.settled(3))
+
+    def test_lingering(self) -> None:
+        """
+        A connection this client closed that is still established at the
+        daemon keeps it from settling (it is not taken for a stranger's).
+        """
+        lines = [*self.ours()[:1], _tcp_line("127.0.0.1", PORT, PEERS[1], 101)]
+        found = tally(lines, PORT, PEERS[:1], {100, 101}, gone=PEERS[1:])
+        self.assertEqual(found, Census(1, 1, 0, 0, lingering=1))
+        self.assertFalse(found.settled(1))
+        self.assertEqual(found.outstanding(1), 1)
+
+    def test_outstanding(self) -> None:
+        """
+        One of this client's connections not accepted yet, with its request
+        unread, and one lost: not settled, and how far from it.
+        """
+        found = tally(self.ours(accepted=1, unread=2)[:2], PORT, PEERS, {100, 101, 102})
+        self.assertEqual(found, Census(2, 1, 2, 0))
+        self.assertFalse(found.settled(3))
+        self.assertEqual(found.outstanding(3), 4)
+
+    def test_kernel(self) -> None:
+        """
+        The same with real sockets: a listener in this process stands for
+        the daemon, with three connections accepted; a listener on
+        127.0.0.2 with the same port number holds a connection it never
+        accepts, with one byte unread.
+        """
+
+        def made(sock: socket.socket) -> socket.socket:
+            self.addCleanup(sock.close)
+            return sock
+
+        daemon = made(socket.socket())
+        daemon.bind(("127.0.0.1", 0))
+        daemon.listen(8)
+        port = daemon.getsockname()[1]
+        other = made(socket.socket())
+        try:
+            other.bind(("127.0.0.2", port))
+        except OSError as e:
+            raise SkipTest(f"cannot bind 127.0.0.2:{port}: {e}") from None
+        other.listen(8)
+        made(socket.create_connection(("127.0.0.2", port), timeout=5)).send(b"x")
+        clients = [made(socket.create_connection(("127.0.0.1", port), timeout=5)) for _ in PEERS]
+        for _ in clients:
+            made(daemon.accept()[0])
+        peers = {c.getsockname()[1] for c in clients}
+        expected = Census(3, 3, 0, 0, strangers=0, elsewhere=1)
+        deadline = time.monotonic() + 10
+        while (found := census(os.getpid(), port, peers)) != expected:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)  # loopback delivery may wait for a softirq on a busy machine
+        self.assertEqual(found, expected)
+        self.assertTrue(found.settled(3))
+
+
+class _Clock:
+    """A clock that L{settle}'s sleeps advance; the daemon's schedule over it."""
+
+    def __init__(self, waiting_share: float = 0.0, state: str = "R") -> None:
+        self.now = 1000.0
+        self.waiting_share = waiting_share
+        self.state = state
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def daemon(self) -> Schedule:
+        """Its main thread waited C{waiting_share} of the time for a CPU and ran 1 ms/s."""
+        elapsed = self.now - 1000.0
+        return Schedule(int(elapsed * 1e6), int(elapsed * self.waiting_share * 1e9), self.state)
+
+
+def _run(coroutine: Coroutine[Any, Any, Census]) -> Census:
+    """Run a coroutine that never suspends (its sleeps are a fake clock's) to its end."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        result: Census = stop.value
+        return result
+    raise AssertionError("the coroutine suspended")
+
+
+class FanoutSettleTests(SynchronousTestCase):
+    """
+    bench.fanout waits for the daemon to settle as long as each
+    C{timeout} brings progress, and says why when it does not.
+    """
+
+    def settle(
+        self, censuses: Any, clock: _Clock, timeout: float = 30.0, known: bool = True
+    ) -> Census:
+        """L{settle} at 3 connections over C{censuses} (a function of the time waited)."""
+        return _run(
+            settle(
+                lambda: censuses(clock.now - 1000.0),
+                3,
+                "warm-up",
+                PORT,
+                timeout=timeout,
+                daemon=clock.daemon if known else lambda: None,
+                clock=clock,
+                sleep=clock.sleep,
+            )
+        )
+
+    def test_slow_progress(self) -> None:
+        """
+        A starved daemon accepting one connection every 20 s settles after
+        60 s, twice the timeout: each step was progress.
+        """
+        clock = _Clock(waiting_share=0.9)
+        found = self.settle(lambda t: Census(3, min(3, int(t // 20)), 0, 0), clock)
+        self.assertTrue(found.settled(3))
+        self.assertLess(abs(clock.now - 1000.0 - 60.0), 0.1)
+
+    def test_no_progress(self) -> None:
+        """
+        A census that gets no closer for the timeout fails then, whatever
+        comes and goes above its best (an answer's bytes flapping), and says
+        what was outstanding.
+        """
+        clock = _Clock()
+
+        def flapping(t: float) -> Census:
+            return Census(3, 2 if t > 5 else 1, 1, int(t * 50) % 2)
+
+        with self.assertRaises(Unsettled) as caught:
+            self.settle(flapping, clock)
+        self.assertLess(abs(clock.now - 1000.0 - 35.0), 0.1)
+        message = str(caught.exception)
+        self.assertIn("warm-up: the daemon did not settle at 3 connections", message)
+        self.assertIn("2 accepted by the daemon, 1 with request bytes it has not read", message)
+
+    def test_starved(self) -> None:
+        """A daemon that waited for a CPU most of the time: the machine is too busy."""
+        clock = _Clock(waiting_share=0.9)
+        with self.assertRaises(Unsettled) as caught:
+            self.settle(lambda t: Census(3, 2, 1, 0), clock)
+        self.assertTrue(caught.exception.starved)
+        self.assertRegex(str(caught.exception), r"waited 270\d\d ms for a CPU")
+        self.assertIn("the machine is too busy to measure", str(caught.exception))
+
+    def test_not_starved(self) -> None:
+        """A daemon that had the CPU it wanted and did not accept: an error, not the load."""
+        clock = _Clock(waiting_share=0.01)
+        with self.assertRaises(Unsettled) as caught:
+            self.settle(lambda t: Census(3, 2, 1, 0), clock)
+        self.assertFalse(caught.exception.starved)
+        self.assertIn("it was not starved of CPU", str(caught.exception))
+
+    def test_stopped(self) -> None:
+        """A stopped daemon (SIGSTOP) is not a busy machine."""
+        clock = _Clock(waiting_share=0.9, state="T")
+        with self.assertRaises(Unsettled) as caught:
+            self.settle(lambda t: Census(3, 2, 1, 0), clock)
+        self.assertFalse(caught.exception.starved)
+        self.assertIn("it is stopped", str(caught.exception))
+
+    def test_schedule_unknown(self) -> None:
+        """Without the kernel's schedstat nobody can tell: an error."""
+        clock = _Clock()
+        with self.assertRaises(Unsettled) as caught:
+            self.settle(lambda t: Census(3, 2, 1, 0), clock, known=False)
+        self.assertFalse(caught.exception.starved)
+        self.assertIn("CPU time is unknown", str(caught.exception))
+
+    def test_not_measured_rendered(self) -> None:
+        """The section's table says why it was not measured."""
+        results = {
+            "meta": {"cpus": 2},
+            "settings": {"watchers": 50, "queries": 50},
+            "not_measured": "warm-up: the daemon did not settle",
+            "notes": [],
+        }
+        self.assertIn(
+            "Not measured: warm-up: the daemon did not settle", render_fanout(results).splitlines()
+        )
