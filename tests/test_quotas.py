@@ -137,3 +137,41 @@ class APILimitTests(SynchronousTestCase):
         self.assertEqual((code, body["context"]["limit"]), (403, "metadata bytes per identity"))
         self.assertEqual(self.request("POST", "/publish", with_metadata("a", 90))[0], 200)
         self.assertEqual(self.registry.usage.usage("uid:2000"), (1, 90))
+
+
+class HoldOffTests(SynchronousTestCase):
+    def test_connection_paused_until_retry(self) -> None:
+        """
+        Once a 429 is written, the connection is not read from until the
+        identity may send again: a flooder ignoring Retry-After costs one
+        answer per connection per wait.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from hsu_registry.web.site import RegistrySite
+
+        clock = Clock()
+        registry = Registry(
+            MemoryStore(),
+            clock,
+            policy=default_policy(registry_uid=0),
+            quotas=Quotas(write_rate=1, write_burst=1),
+        )
+        api = RegistryAPI(registry, identify=lambda request: FLOODER)
+        site = RegistrySite(api.resource(), reactor=clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        body = publish_body("m")
+        request = (
+            b"POST /api/v1/publish HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        channel.dataReceived(request)
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(request)
+        self.assertIn(b"HTTP/1.1 429 ", transport.value())
+        self.assertEqual(transport.producerState, "paused")
+        clock.advance(1)
+        self.assertEqual(transport.producerState, "producing")

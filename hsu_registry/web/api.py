@@ -49,6 +49,10 @@ from hsu_registry.web.watch import WatchHub
 __all__ = ["RegistryAPI"]
 
 
+#: The longest a rate-limited connection is not read from.
+MAX_HOLD_OFF = 5.0
+
+
 class RegistryAPI:
     """
     The Klein application of the registry API.
@@ -354,6 +358,7 @@ class RegistryAPI:
                 request.setHeader(b"www-authenticate", b'Bearer realm="hsu-registry"')
             elif isinstance(error, TooManyRequests):
                 request.setHeader(b"retry-after", b"%d" % math.ceil(error.retry_after))
+                self._hold_off(request, error.retry_after)
             return error_response(request, error.status, error.message, error.context)
         if isinstance(error, MethodNotAllowed):
             allowed = sorted(error.valid_methods or ())
@@ -375,6 +380,24 @@ class RegistryAPI:
             path=request.path,
         )
         return error_response(request, 500, "internal error")
+
+    def _hold_off(self, request: Any, wait: float) -> None:
+        """
+        Stop reading from a connection whose identity is past its rate until
+        it may send again (at most L{MAX_HOLD_OFF} seconds), once the 429 is
+        written: a flooder that ignores C{Retry-After} costs the reactor one
+        answer per connection per wait, not one per request it sends.
+        """
+        channel = getattr(request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if transport is None or not hasattr(transport, "pauseProducing"):
+            return
+
+        def pause(_: object) -> None:
+            transport.pauseProducing()
+            self.clock.callLater(min(wait, MAX_HOLD_OFF), transport.resumeProducing)
+
+        request.notifyFinish().addCallbacks(pause, lambda _: None)
 
     @app.handle_errors(Exception)
     def _klein_failed(self, request: IRequest, failure: Failure) -> bytes:
