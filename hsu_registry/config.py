@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from attrs import field, frozen
 
+from hsu_registry.checks.limits import CheckLimits
 from hsu_registry.endpoints import DEFAULT_ENDPOINT
 from hsu_registry.model import DEFAULT_LIMITS, Limits
 from hsu_registry.security.limits import Quotas
@@ -47,6 +48,8 @@ class RegistryConfig:
     policy: str | None = None
     # Per-identity rates and quotas (see hsu_registry.security.limits).
     quotas: Quotas = field(factory=Quotas)
+    # Per-identity bounds on health checks (see hsu_registry.checks.limits).
+    check_limits: CheckLimits = field(factory=CheckLimits)
     # Freeze long-lived objects once started (see hsu_registry.gctune): the
     # daemon's commands turn it on; embedders decide for their own process.
     freeze_gc: bool = False

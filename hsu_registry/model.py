@@ -93,7 +93,8 @@ class ModuleAPI:
     of (key, value) pairs in the order published.  An API published with a
     ``check`` carries the C{status} its last check found (L{UNKNOWN} until
     the first) and, once checked, that check's C{output} (``HTTP 503``,
-    ``connection refused``...); one without has neither.
+    ``refused``, ``timeout``...: a fixed vocabulary, never bytes from the
+    target); one without has neither.
     """
 
     service_ids: tuple[str, ...]
@@ -132,6 +133,10 @@ class ModuleAPI:
             out["metadata"] = dict(self.metadata)
         if self.check is not None:
             out["check"] = self.check.to_json()
+            if self.check.ip:
+                # The address a named API's checks connect to, resolved once
+                # at publish (never re-resolved: see hsu_registry.checks.targets).
+                out["checkAddress"] = self.check.ip
             out["status"] = self.status or UNKNOWN
             if self.output:
                 out["checkOutput"] = self.output
@@ -146,7 +151,9 @@ class ModuleAPI:
             protocol=raw["protocol"],
             address=raw.get("address"),
             metadata=tuple(raw.get("metadata", {}).items()),
-            check=CheckSpec.from_json(raw["check"]) if "check" in raw else None,
+            check=CheckSpec.from_json(raw["check"], ip=raw.get("checkAddress"))
+            if "check" in raw
+            else None,
             status=raw.get("status"),
             output=raw.get("checkOutput"),
         )

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.python import usage
 
 from hsu_registry import __version__
+from hsu_registry.checks.limits import CheckLimits
 from hsu_registry.config import RegistryConfig
 from hsu_registry.durations import parse_duration
 from hsu_registry.endpoints import DEFAULT_ENDPOINT, check_description, tcp_endpoint, unix_endpoint
@@ -115,6 +116,24 @@ class Options(usage.Options):
             "Most bytes of metadata (keys and values) one identity's modules may hold.",
         ],
         [
+            "max-checks-per-identity",
+            None,
+            "256",
+            "Most APIs with a health check one identity may have (more: 403).",
+        ],
+        [
+            "check-rate-per-identity",
+            None,
+            "32",
+            "Health checks of one identity started a second, at most.",
+        ],
+        [
+            "check-share-per-identity",
+            None,
+            "0.25",
+            "Fraction of --check-concurrency one identity's checks may hold at once.",
+        ],
+        [
             "policy",
             None,
             None,
@@ -194,6 +213,20 @@ class Options(usage.Options):
             raise usage.UsageError(f"--{name} must be longer than zero")
         return value
 
+    def _check_limits(self) -> CheckLimits:
+        rate = _positive_rate("check-rate-per-identity", self["check-rate-per-identity"])
+        share = _positive_rate("check-share-per-identity", self["check-share-per-identity"])
+        if share > 1:
+            raise usage.UsageError("--check-share-per-identity must be at most 1")
+        return CheckLimits(
+            max_checked_apis=_positive_int(
+                "max-checks-per-identity", self["max-checks-per-identity"]
+            ),
+            starts_per_second=rate,
+            burst=max(1, int(rate)),
+            in_flight_share=share,
+        )
+
     def postOptions(self) -> None:
         if self["discover-heartbeat"] and self["no-discover-heartbeat"]:
             raise usage.UsageError("give one of --discover-heartbeat and --no-discover-heartbeat")
@@ -239,6 +272,7 @@ class Options(usage.Options):
             process_binding=not self["no-process-binding"],
             check_concurrency=_positive_int("check-concurrency", self["check-concurrency"]),
             policy=policy,
+            check_limits=self._check_limits(),
             quotas=Quotas(
                 write_rate=write_rate,
                 write_burst=max(1, int(write_rate * 4)),

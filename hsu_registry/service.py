@@ -20,13 +20,16 @@ from twisted.web.resource import IResource
 
 from hsu_registry import __version__
 from hsu_registry.checks.service import HealthCheckService
+from hsu_registry.checks.targets import CheckTargets
 from hsu_registry.config import RegistryConfig
 from hsu_registry.endpoints import ListenerService, go_client_hint
 from hsu_registry.gctune import freeze_long_lived
 from hsu_registry.hangup import reopen_log_files
 from hsu_registry.interfaces import IProcessMonitor, IStore
 from hsu_registry.registry import Registry
+from hsu_registry.security.identity import identity_of_principal
 from hsu_registry.security.policy import (
+    Network,
     Policy,
     PolicyError,
     default_policy,
@@ -228,7 +231,15 @@ class RegistryService(MultiService):
             discover_heartbeat=config.discover_heartbeat,
             processes=self.processes,
         )
-        self.api = RegistryAPI(self.registry, config.limits)
+        # Where health checks may connect (loopback, this host, and the
+        # networks the policy grants the owner), shared by the publish path,
+        # which vets each checked API, and the checker.
+        self.check_targets = CheckTargets(
+            reactor,
+            extra_networks=self._check_networks,
+            limits=config.check_limits,
+        )
+        self.api = RegistryAPI(self.registry, config.limits, targets=self.check_targets)
         self.site = RegistrySite(
             self.api.resource(),
             max_body_size=config.max_body_size,
@@ -240,7 +251,9 @@ class RegistryService(MultiService):
         HeartbeatFlushService(self.registry, config.flush_interval, reactor).setServiceParent(self)
         if self.processes is not None:
             ProcessMonitorService(self.processes).setServiceParent(self)
-        self.checks = HealthCheckService(self.registry, reactor, config.check_concurrency)
+        self.checks = HealthCheckService(
+            self.registry, reactor, config.check_concurrency, targets=self.check_targets
+        )
         self.checks.setServiceParent(self)
         self.listeners: list[ListenerService] = []
         for number, description in enumerate(config.endpoints):
@@ -311,7 +324,15 @@ class RegistryService(MultiService):
             reopened=reopened,
         )
         self.reload_policy()
+        # The host's addresses may have changed, and so may the grants:
+        # judge every check target again.
+        self.check_targets.refresh()
+        self.checks.recheck()
         return reopened
+
+    def _check_networks(self, principal: str) -> tuple[Network, ...]:
+        """The networks beyond loopback and this host that C{principal}'s checks may reach."""
+        return self.registry.policy.check_networks(identity_of_principal(principal))
 
     def reload_policy(self) -> None:
         """

@@ -8,6 +8,7 @@ local listeners that go up and down or hang.
 from __future__ import annotations
 
 import json
+from ipaddress import ip_network
 from typing import Any
 
 from treq.testing import StubTreq
@@ -24,6 +25,7 @@ from hsu_registry.checks.probes import ProbeResult
 from hsu_registry.checks.scheduler import Target
 from hsu_registry.checks.service import HealthCheckService, targets_of
 from hsu_registry.checks.spec import CheckSpec
+from hsu_registry.checks.targets import CheckTargets
 from hsu_registry.model import CRITICAL, PASSING, UNKNOWN, CheckTarget, parse_publish_body
 from hsu_registry.registry import Change, ChangeKind, Registry
 from hsu_registry.stores.memory import MemoryStore
@@ -354,7 +356,14 @@ class HealthCheckServiceTests(_Fixture, SynchronousTestCase):
             self.probes.append((target, d))
             return d
 
-        self.service = HealthCheckService(self.registry, self.clock, probe=probe)
+        # 10.0.0.0/8 is granted to every identity here: checks reach only
+        # loopback and the host's own addresses without a grant.
+        self.targets = CheckTargets(
+            self.clock, lambda principal: [ip_network("10.0.0.0/8")], local_addresses=lambda: ()
+        )
+        self.service = HealthCheckService(
+            self.registry, self.clock, probe=probe, targets=self.targets
+        )
 
     def test_checks_follow_the_registry(self) -> None:
         """Published checks are run, their results recorded; unpublish stops them."""

@@ -3,9 +3,16 @@
 The probes behind active checks: a TCP connect and an HTTP GET.
 
 Each probe is bounded by its timeout and never fails: whatever goes wrong
-becomes a critical L{ProbeResult} with a short reason, so callers only ever
-handle results. Cancelling a probe aborts its connection, so an abandoned
-probe leaves no socket or timer behind.
+becomes a critical L{ProbeResult}, so callers only ever handle results.
+Cancelling a probe aborts its connection, so an abandoned probe leaves no
+socket or timer behind.
+
+What a result says (its C{output}, published as C{checkOutput}) comes from a
+fixed vocabulary (L{OUTPUTS}, and C{HTTP} with a three-digit status): never
+bytes from the target, or a check would read banners (SSH version lines,
+SMTP greetings) for whoever published it (issue 12).  What went wrong in
+detail, which may quote the target, is the result's C{detail}, for the
+operator's log only.
 
 A daemon may run a thousand of these a second, so each is kept cheap: an IP
 address is connected to directly (only host names go through the resolver's
@@ -16,18 +23,23 @@ all a check needs, instead of parsing whole responses with a full client.
 
 from __future__ import annotations
 
+import errno
+import re
 from collections.abc import Callable
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import (
+    ConnectError,
     ConnectionClosed,
     ConnectionDone,
     ConnectionRefusedError,
     DNSLookupError,
+    NoRouteError,
+    TCPTimedOutError,
     TimeoutError,
 )
 from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
@@ -36,21 +48,91 @@ from twisted.python.failure import Failure
 
 from hsu_registry.checks.spec import go_duration
 
-__all__ = ["ProbeResult", "http_probe", "tcp_probe"]
+__all__ = [
+    "BAD_RESPONSE",
+    "CANCELLED",
+    "CLOSED",
+    "CONNECTED",
+    "ERROR",
+    "NOT_ALLOWED",
+    "OUTPUTS",
+    "REFUSED",
+    "TIMEOUT",
+    "UNREACHABLE",
+    "UNRESOLVED",
+    "ProbeResult",
+    "http_probe",
+    "http_status",
+    "is_output",
+    "tcp_probe",
+]
 
 USER_AGENT = b"hsu-registry-check"
-_MAX_OUTPUT = 200
+_MAX_DETAIL = 200
+
+# -- the vocabulary of check outputs ----------------------------------------
+
+#: TCP: the connection was accepted (and closed at once, nothing read).
+CONNECTED = "connected"
+#: The target refused the connection (nothing listens there).
+REFUSED = "refused"
+#: No answer within the check's timeout (connecting or waiting for a status line).
+TIMEOUT = "timeout"
+#: No route to the target (network or host unreachable).
+UNREACHABLE = "unreachable"
+#: A host name did not resolve (the registry's own checks never look names up).
+UNRESOLVED = "unresolved"
+#: HTTP: the connection closed before a status line came.
+CLOSED = "closed"
+#: HTTP: the answer did not start with an HTTP status line.
+BAD_RESPONSE = "bad response"
+#: Any other failure; the detail is logged.
+ERROR = "error"
+#: The probe was cancelled (its result is never reported).
+CANCELLED = "cancelled"
+#: The address is not one a check of the registration's identity may reach.
+NOT_ALLOWED = "not allowed"
+
+#: Every output but C{HTTP nnn} (see L{http_status}).
+OUTPUTS = frozenset(
+    {
+        CONNECTED,
+        REFUSED,
+        TIMEOUT,
+        UNREACHABLE,
+        UNRESOLVED,
+        CLOSED,
+        BAD_RESPONSE,
+        ERROR,
+        CANCELLED,
+        NOT_ALLOWED,
+    }
+)
+_HTTP_STATUS = re.compile(r"HTTP [0-9]{3}")
+
+
+def http_status(code: int) -> str:
+    """The output of an HTTP check answered with status C{code} (100..999)."""
+    return f"HTTP {code:03d}"
+
+
+def is_output(text: str) -> bool:
+    """Whether C{text} belongs to the vocabulary: one of L{OUTPUTS} or C{HTTP nnn}."""
+    return text in OUTPUTS or _HTTP_STATUS.fullmatch(text) is not None
 
 
 @frozen
 class ProbeResult:
     """
-    The outcome of one check: passing or critical, with a short human
-    reason such as C{"connected"}, C{"HTTP 503"} or C{"connection refused"}.
+    The outcome of one check: passing or critical, with an C{output} from the
+    fixed vocabulary (L{OUTPUTS}, C{HTTP nnn}) that answers may show, and a
+    C{detail} for the operator's log only (it may quote the target, so it is
+    never published, and results compare equal whatever their detail).
     """
 
     passing: bool
     output: str
+    detail: str = field(default="", eq=False)
 
 
 def tcp_probe(
@@ -69,7 +151,7 @@ def tcp_probe(
 
     def connect() -> Deferred[ProbeResult]:
         connecting = _endpoint(reactor, host, port, timeout).connect(_QuietFactory(_HangUp))
-        return connecting.addCallback(lambda _: ProbeResult(True, "connected"))
+        return connecting.addCallback(lambda _: ProbeResult(True, CONNECTED))
 
     return _bounded(connect, timeout, clock or reactor)
 
@@ -81,12 +163,17 @@ def http_probe(
     path: str,
     timeout: float,
     clock: IReactorTime | None = None,
+    address: str | None = None,
 ) -> Deferred[ProbeResult]:
     """
     GET C{path} from C{host}:C{port} over plain HTTP: passing on any 2xx
-    status, critical otherwise. The body is never read.
+    status, critical otherwise.  The body is never read and redirects are
+    never followed (a 3xx is critical, C{HTTP 301}...): the check talks to
+    the API's own address only.
 
     @param path: the request target, starting with C{/}, printable ASCII.
+    @param address: the IP address to connect to, when C{host} is a name
+        resolved beforehand (the C{Host} header still names C{host}).
     @return: a L{Deferred} that fires with a L{ProbeResult}, never fails.
     @see: L{tcp_probe} for the other parameters.
     """
@@ -98,7 +185,7 @@ def http_probe(
         )
         answered: Deferred[ProbeResult] = Deferred()
         factory = _QuietFactory(lambda: _StatusLine(request, answered))
-        connecting = _endpoint(reactor, host, port, timeout).connect(factory)
+        connecting = _endpoint(reactor, address or host, port, timeout).connect(factory)
 
         def connected(protocol: IProtocol) -> Deferred[ProbeResult]:
             # Cancelling the answer (the probe timed out) aborts the connection.
@@ -171,13 +258,22 @@ class _StatusLine(Protocol):
         end = self.received.find(b"\r\n")
         if end < 0:
             if len(self.received) > _MAX_STATUS_LINE:
-                self._answer(ProbeResult(False, "bad response: status line too long"))
+                self._answer(
+                    ProbeResult(
+                        False,
+                        BAD_RESPONSE,
+                        f"no status line in the first {_MAX_STATUS_LINE} bytes: "
+                        + _quote(self.received),
+                    )
+                )
             return
         self._answer(_judge_status_line(self.received[:end]))
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         if not self.answered.called:
-            self.answered.callback(ProbeResult(False, "no response: connection closed"))
+            self.answered.callback(
+                ProbeResult(False, CLOSED, "connection closed before a status line")
+            )
 
     def _answer(self, result: ProbeResult) -> None:
         self.answered.callback(result)
@@ -186,14 +282,27 @@ class _StatusLine(Protocol):
 
 
 def _judge_status_line(line: bytes) -> ProbeResult:
-    """C{HTTP/1.1 200 OK}: passing for 2xx; anything else critical."""
+    """
+    C{HTTP/1.1 200 OK}: passing for 2xx; anything else critical.  Only the
+    status code is kept: the reason phrase and anything that is not an HTTP
+    status line (a banner) go to the detail.
+    """
     parts = line.split(None, 2)
-    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+    if (
+        len(parts) >= 2
+        and parts[0].startswith(b"HTTP/")
+        and len(parts[1]) == 3
+        and parts[1].isdigit()
+        and parts[1].isascii()
+    ):
         code = int(parts[1])
-        if len(parts[1]) == 3:
-            return ProbeResult(200 <= code < 300, f"HTTP {code}")
-    shown = line[:60].decode("ascii", "replace")
-    return ProbeResult(False, f"bad response: {shown!r}")
+        return ProbeResult(200 <= code < 300, http_status(code), _quote(line))
+    return ProbeResult(False, BAD_RESPONSE, "not an HTTP status line: " + _quote(line))
+
+
+def _quote(data: bytes) -> str:
+    """Bytes from a target, made safe and short for a log line."""
+    return repr(data[:60])[1:]
 
 
 def _abort(protocol: IProtocol, failure: Failure) -> Failure:
@@ -226,10 +335,10 @@ def _bounded(
     after C{timeout} seconds of C{clock}; cancelling the returned L{Deferred}
     cancels the work and fires it with a critical C{"cancelled"}.
     """
-    stopped: list[str] = []
+    stopped: list[ProbeResult] = []
     work = maybeDeferred(start)
 
-    def stop(reason: str) -> None:
+    def stop(reason: ProbeResult) -> None:
         stopped.append(reason)
         work.cancel()
         if not done.called:  # the work ignored the cancellation
@@ -241,30 +350,52 @@ def _bounded(
         if done.called:
             return
         if stopped:
-            done.callback(ProbeResult(False, stopped[0]))
+            done.callback(stopped[0])
         elif isinstance(result, ProbeResult):
             done.callback(result)
         elif isinstance(result, Failure):
-            done.callback(ProbeResult(False, _describe(result)))
+            done.callback(_describe(result))
         else:
-            done.callback(ProbeResult(False, f"probe returned {result!r}"[:_MAX_OUTPUT]))
+            done.callback(ProbeResult(False, ERROR, f"probe returned {result!r}"[:_MAX_DETAIL]))
 
-    done: Deferred[ProbeResult] = Deferred(lambda _: stop("cancelled"))
-    timer = clock.callLater(timeout, stop, f"timed out after {go_duration(timeout)}")
+    done: Deferred[ProbeResult] = Deferred(
+        lambda _: stop(ProbeResult(False, CANCELLED, "cancelled"))
+    )
+    timer = clock.callLater(
+        timeout,
+        stop,
+        ProbeResult(False, TIMEOUT, f"no answer within {go_duration(timeout)}"),
+    )
     work.addBoth(finish)
     return done
 
 
-def _describe(failure: Failure) -> str:
-    """A short reason for a failed probe, for the check's output."""
+_UNREACHABLE_ERRNOS = frozenset(
+    code
+    for code in (getattr(errno, "ENETUNREACH", None), getattr(errno, "EHOSTUNREACH", None))
+    if code is not None
+)
+
+
+def _describe(failure: Failure) -> ProbeResult:
+    """
+    The critical result of a failed probe: an output from the vocabulary,
+    and the failure's own words as the detail.
+    """
     exc = failure.value
+    detail = (failure.getErrorMessage().strip() or type(exc).__name__)[:_MAX_DETAIL]
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, DNSLookupError):
-        return "host not found"
-    if isinstance(exc, TimeoutError):
-        return "connection timed out"
-    if isinstance(exc, ConnectionClosed):
-        return "connection closed"
-    text = failure.getErrorMessage().strip() or type(failure.value).__name__
-    return text[:_MAX_OUTPUT]
+        output = REFUSED
+    elif isinstance(exc, DNSLookupError):
+        output = UNRESOLVED
+    elif isinstance(exc, (TimeoutError, TCPTimedOutError)):
+        output = TIMEOUT
+    elif isinstance(exc, NoRouteError) or (
+        isinstance(exc, ConnectError) and getattr(exc, "osError", None) in _UNREACHABLE_ERRNOS
+    ):
+        output = UNREACHABLE
+    elif isinstance(exc, ConnectionClosed):
+        output = CLOSED
+    else:
+        output = ERROR
+    return ProbeResult(False, output, detail)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from attrs.validators import in_
 
 from hsu_registry.durations import parse_duration
@@ -83,12 +83,26 @@ class CheckSpec:
     An active health check of one API: a TCP connect (C{path} is L{None}) or
     an HTTP GET of C{path}, every C{interval} seconds (counted from the end of
     the previous check), critical when it fails or takes over C{timeout}.
+
+    C{ip} is the address checks connect to when the API's address is a host
+    name (or a non-canonical IPv6 literal): the registry resolves the name
+    once, when the API is published, and pins the answer here (see
+    L{hsu_registry.checks.targets.CheckTargets.vet}), so that later checks
+    never look the name up again.  It is never read from a publish body, is
+    not part of the C{check} object (L{to_json}), and does not take part in
+    equality: the same check of the same place keeps its status whatever the
+    name resolved to.
     """
 
     kind: str = field(validator=in_(("tcp", "http")))
     path: str | None
     interval: float
     timeout: float
+    ip: str | None = field(default=None, eq=False)
+
+    def pinned(self, ip: str | None) -> CheckSpec:
+        """This check, connecting to C{ip} (L{None}: to the API's address)."""
+        return self if ip == self.ip else evolve(self, ip=ip)
 
     def to_json(self) -> dict[str, Any]:
         """The normalized JSON form, which L{parse_check} reads back unchanged."""
@@ -98,16 +112,18 @@ class CheckSpec:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any) -> CheckSpec:
+    def from_json(cls, raw: Any, ip: str | None = None) -> CheckSpec:
         """
         Read back what L{to_json} wrote.
 
+        @param ip: the pinned address (L{ip}), which the C{check} object does
+            not carry: whoever stores it beside the object passes it back.
         @raise InvalidRequest: when C{raw} is not a valid check (L{None} included).
         """
         spec = parse_check(raw, "check")
         if spec is None:
             raise InvalidRequest("check must be an object, not null")
-        return spec
+        return spec.pinned(ip if isinstance(ip, str) and ip else None)
 
 
 def parse_check(raw: Any, where: str) -> CheckSpec | None:

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import ISSLTransport
 
 from hsu_registry.security.sockdiag import loopback_peer_uid
 
-__all__ = ["ANONYMOUS", "Identity", "connection_identity"]
+__all__ = ["ANONYMOUS", "Identity", "connection_identity", "identity_of_principal"]
 
 _SO_PEERCRED = getattr(socket, "SO_PEERCRED", None)
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -106,4 +106,17 @@ def connection_identity(transport: Any) -> Identity:
         uid = loopback_peer_uid((peer[0], peer[1]), (local[0], local[1]))
         if uid is not None:
             return Identity("uid", str(uid), uid=uid)
+    return ANONYMOUS
+
+
+def identity_of_principal(principal: str) -> Identity:
+    """
+    The identity a registration's owner names (C{uid:1000}, C{x509:...}),
+    for decisions made after the request is gone (the health checker's).
+    """
+    kind, _, name = principal.partition(":")
+    if kind == "uid" and name.isdigit():
+        return Identity("uid", name, uid=int(name))
+    if kind in ("x509", "token") and name:
+        return Identity(kind, name)
     return ANONYMOUS

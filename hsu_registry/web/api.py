@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from hsu_registry import __version__
+from hsu_registry.checks.targets import CheckTargets
 from hsu_registry.durations import format_duration, parse_duration
 from hsu_registry.errors import (
     Forbidden,
@@ -71,6 +72,7 @@ class RegistryAPI:
         changelog: ChangeLog | None = None,
         clock: IReactorTime | None = None,
         identify: Callable[[IRequest], Identity] | None = None,
+        targets: CheckTargets | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits
@@ -78,6 +80,9 @@ class RegistryAPI:
         self.changelog = changelog if changelog is not None else ChangeLog(registry, self.clock)
         self.watchers = WatchHub(self.changelog, self.clock)
         self._catalog: tuple[object, bytes] = (None, b"")
+        # Vets the addresses of checked APIs at publish (None: no checks are
+        # vetted here, as for a registry without a checker).
+        self.targets = targets
         # Who the kernel says is at the other end of a request's connection
         # (tests pass their own); bearer tokens are read on top of it.
         self.identify_connection: Callable[[IRequest], Identity] = (
@@ -137,7 +142,13 @@ class RegistryAPI:
         parsed = parse_publish_body(body, self.limits)
         identity = self.identity(request)
         self.registry.spend(self.registry.write_limiter, identity)
-        done = self.registry.publish(parsed, identity)
+        vetted = (
+            self.targets.vet(parsed, identity.principal) if self.targets is not None else parsed
+        )
+        if isinstance(vetted, Deferred):  # a checked API's host name is being resolved
+            done = vetted.addCallback(lambda request_: self.registry.publish(request_, identity))
+        else:
+            done = self.registry.publish(vetted, identity)
         return _now_or_later(done, lambda _: json_response(request, SUCCESS))
 
     @app.route("/api/v1/discover/<moduleID>", methods=["GET"])
