@@ -248,3 +248,29 @@ class TwistdStartupTests(E2ETestCase):
             f"hsu-registry: error: Couldn't listen on unix:{directory}/r.sock: cannot create "
             f"the socket's directory {directory}: Not a directory.\n",
         )
+
+
+class FirstLogLineTests(SynchronousTestCase):
+    def test_version_first(self) -> None:
+        """The daemon's first log line names its version, its store and its endpoints."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import capturedLogs
+
+        from hsu_registry import __version__
+        from hsu_registry.config import RegistryConfig
+        from hsu_registry.service import makeService
+
+        service = makeService(
+            RegistryConfig(endpoints=("tcp:0:interface=127.0.0.1",)), MemoryReactorClock()
+        )
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+        self.addCleanup(service.stopService)
+        first = events[0]
+        text = first["log_format"].format(**first)
+        self.assertEqual(
+            text,
+            f"hsu-registry {__version__} starting: store memory, endpoints "
+            "tcp:0:interface=127.0.0.1",
+        )
