@@ -22,6 +22,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
+from hsu_registry.errors import StartupFailure
 from hsu_registry.hangup import install_hangup_handler
 from hsu_registry.options import Options
 
@@ -48,7 +49,8 @@ def run(
         moment the service is built; only for the process's own command.
 
     @return: the process exit code: 0 after a clean stop, 1 when the daemon
-        could not start, 2 for a usage error.
+        could not start (cannot listen, a database or directory it cannot
+        use), 2 for a usage error.
     """
     options = Options()
     try:
@@ -61,6 +63,9 @@ def run(
 
     try:
         service = makeService(options.config, reactor)
+    except StartupFailure as e:  # the environment: a database, a directory
+        stderr.write(f"hsu-registry: error: {_one_line(e)}\n")
+        return 1
     except ValueError as e:
         stderr.write(f"hsu-registry: {e}\n")
         return 2

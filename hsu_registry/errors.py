@@ -20,6 +20,7 @@ __all__ = [
     "QuotaExceeded",
     "RegistryError",
     "RegistryFull",
+    "StartupFailure",
     "StoreUnavailable",
     "TooManyRequests",
     "Unauthorized",
@@ -113,3 +114,11 @@ class StoreUnavailable(RegistryError):
     """The store could not persist a change; nothing was changed."""
 
     status = 503
+
+
+class StartupFailure(Exception):
+    """
+    What the daemon needs from its environment is not there (a database it
+    cannot use, a directory it cannot create): one line an operator can act
+    on, and exit code 1, unlike a usage error (2).
+    """

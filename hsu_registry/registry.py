@@ -828,6 +828,7 @@ class Registry:
 
         d = self._store.remove([module_id])
         d.addErrback(self._persist_failed, "remove", module_id)
+        d.addErrback(_still_registered, module_id)
         return d.addCallback(apply)
 
     def expire(self) -> Deferred[list[Change]]:
@@ -936,6 +937,24 @@ class Registry:
         batch = {m: self._last_seen[m] for m in self._touched}
         self._touched.clear()  # the same set: it may be frozen (see gctune)
         return self._store.touch(batch)
+
+
+def _still_registered(failure: Failure, module_id: str) -> Failure:
+    """
+    An unpublish the store could not record (a full or read-only disk) leaves
+    the module registered, in memory as on disk: say exactly that.
+    """
+    error = failure.value
+    if not isinstance(error, StoreUnavailable):
+        return failure
+    context = dict(error.context or {}, moduleID=module_id, stillRegistered=True)
+    return Failure(
+        StoreUnavailable(
+            f"module {module_id!r} is still registered: the store could not record its "
+            "removal, so nothing was changed; unpublish again once the store can write",
+            context,
+        )
+    )
 
 
 def _unchecked(api: ModuleAPI) -> ModuleAPI:

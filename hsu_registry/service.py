@@ -56,12 +56,19 @@ __all__ = [
 
 
 def build_store(spec: str, reactor: Any = None) -> IStore:
-    """The store named by a ``--store`` value (SQLite is imported only when used)."""
+    """
+    The store named by a ``--store`` value (SQLite is imported only when used).
+
+    @raise hsu_registry.errors.StartupFailure: for a database that cannot serve.
+    """
     kind, path = parse_store_spec(spec)
     if kind == "sqlite":
-        from hsu_registry.stores.sqlite import SQLiteStore
+        from hsu_registry.stores.sqlite import SQLiteStore, check_database
 
         assert path is not None
+        # Before anything listens: a file that cannot serve stops the daemon
+        # with one line (StoreError, a StartupFailure).
+        check_database(path)
         return SQLiteStore(path, reactor)
     return MemoryStore()
 

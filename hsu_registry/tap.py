@@ -16,6 +16,7 @@ from twisted.application.service import IService
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from hsu_registry.errors import StartupFailure
 from hsu_registry.hangup import install_hangup_handler
 from hsu_registry.options import Options
 
@@ -34,7 +35,16 @@ def makeService(options: Options) -> IService:
 
     from hsu_registry.service import makeService as build
 
-    service = build(options.config, reactor)
+    try:
+        service = build(options.config, reactor)
+    except StartupFailure as e:
+        # twistd would print a traceback: one line and exit code 1, as the
+        # standalone command.
+        message = " ".join(str(e).split())
+        stream = sys.__stderr__ or sys.stderr
+        stream.write(f"hsu-registry: error: {message}\n")
+        stream.flush()
+        raise SystemExit(1) from None
     sys.excepthook = _one_line_startup_errors(sys.excepthook)
     install_hangup_handler(reactor, service.reload)
     return service

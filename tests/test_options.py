@@ -9,7 +9,9 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from hsu_registry.config import RegistryConfig
+from hsu_registry.errors import StartupFailure
 from hsu_registry.options import Options
+from hsu_registry.service import makeService
 
 
 def parse(*argv: str) -> RegistryConfig:
@@ -101,11 +103,16 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn("--store", str(self.assertRaises(UsageError, parse, f"--store={bad}")))
 
     def test_unusable_database(self) -> None:
-        """A file that is not a usable database is one usage error naming it."""
+        """
+        A file that is not a usable database is no usage error (the option
+        is well formed): the daemon refuses it when it is built, with one line
+        naming it (exit code 1, see tests.test_startup_errors).
+        """
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("not a database, just text\n" * 50)
-        error = str(self.assertRaises(UsageError, parse, f"--store=sqlite:{path}"))
+        self.assertEqual(parse(f"--store=sqlite:{path}").store, f"sqlite:{path}")
+        error = str(self.assertRaises(StartupFailure, makeService, parse(f"--store=sqlite:{path}")))
         self.assertIn(path, error)
         self.assertNotIn("\n", error)
 

@@ -128,6 +128,21 @@ class FailureTests(SynchronousTestCase):
         self.assertIn("full", failure.value.context["reason"])
         self.check_unchanged()
 
+    def test_unpublish_on_full_disk(self) -> None:
+        """
+        An unpublish the full database cannot record says exactly what was
+        kept: the module is still registered (in memory as on disk), and why.
+        """
+        assert self.store._connection is not None
+        self.store._connection.execute("PRAGMA query_only = ON")  # as a full disk refuses
+        failure = self.failureResultOf(self.registry.unpublish("kept"), StoreUnavailable)
+        self.assertIn("module 'kept' is still registered", failure.value.message)
+        self.assertEqual(failure.value.status, 503)
+        self.assertIs(failure.value.context["stillRegistered"], True)
+        self.assertIn("readonly", failure.value.context["reason"])
+        self.assertIsNotNone(self.registry.get("kept"))
+        self.check_unchanged()
+
 
 class RefusalTests(SynchronousTestCase):
     """Files the store must not use are refused with one line naming them, and left as they are."""

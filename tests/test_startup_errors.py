@@ -17,6 +17,7 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -28,6 +29,7 @@ from hsu_registry.endpoints import (
     prepare_unix_socket,
 )
 from hsu_registry.options import Options
+from hsu_registry.service import makeService
 from hsu_registry.stores.sqlite import StoreError, check_database
 from hsu_registry.web.site import RegistrySite
 
@@ -123,6 +125,7 @@ class DirectoryTests(SynchronousTestCase):
         path = os.path.join(base, "lib", "hsu", "registry.db")
         options = Options()
         options.parseOptions([f"--store=sqlite:{path}"])
+        makeService(options.config, MemoryReactorClock())
         self.assertTrue(os.path.isfile(path))
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
 
@@ -201,6 +204,32 @@ class ForeignSocketTests(SynchronousTestCase):
         self.assertIn("belongs to uid 65534, not to this daemon's uid 0", str(error))
         self.assertIn(f"in {directory} any local user can take this path first", str(error))
         self.assertTrue(os.path.exists(path))
+
+
+class StoreExitCodeTests(E2ETestCase):
+    async def test_unreadable_database_exits_1(self) -> None:
+        """
+        A database the daemon cannot use is a failure of its environment, not
+        of its command line: both commands exit 1 with one line naming the
+        file, and no traceback (a usage error exits 2).
+        """
+        directory = self.short_temp_dir()
+        path = os.path.join(directory, "registry.db")
+        with open(path, "w") as f:
+            f.write("not a database, just text\n" * 50)
+        for argv in (
+            [HSU_REGISTRY, f"--store=sqlite:{path}"],
+            [TWISTD, "-n", "--pidfile=", "hsu-registry", f"--store=sqlite:{path}"],
+        ):
+            process = await self.run_to_end(argv)
+            self.assertExitCode(process, 1)
+            self.assertNoTraceback(process)
+            lines = _text(process.stderr).splitlines()
+            self.assertEqual(len(lines), 1, process.describe())
+            self.assertTrue(lines[0].startswith("hsu-registry: error: cannot use "), lines)
+            self.assertIn(path, lines[0])
+        usage = await self.run_to_end([HSU_REGISTRY, "--store=redis:x"])
+        self.assertExitCode(usage, 2)
 
 
 class TwistdStartupTests(E2ETestCase):

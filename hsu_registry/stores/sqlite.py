@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from hsu_registry.errors import StoreUnavailable
+from hsu_registry.errors import StartupFailure, StoreUnavailable
 from hsu_registry.interfaces import IStore
 from hsu_registry.model import Registration
 from hsu_registry.stores import StoredRegistration
@@ -67,7 +67,7 @@ _MIGRATIONS = {
 Executor = Callable[[Callable[[], T]], Deferred[T]]
 
 
-class StoreError(Exception):
+class StoreError(StartupFailure):
     """The database cannot be used; the message is one line naming the file."""
 
 
