@@ -42,6 +42,8 @@ class RegistryConfig:
     max_modules: int = 100_000
     store: str = "memory"
     access_log: bool = False
+    # Seconds the requests under way at a stop may take to be answered.
+    drain_timeout: float = 10.0
     limits: Limits = field(default=DEFAULT_LIMITS)
     # Who may do what: None (the default policy), "open" (the original's
     # behaviour, no ownership) or the path of a policy file.

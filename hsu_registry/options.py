@@ -64,6 +64,12 @@ class Options(usage.Options):
         ["expire-after", None, "10m", "A module not seen for this long is removed by the cleanup."],
         ["cleanup-interval", None, "1m", "How often the cleanup runs."],
         [
+            "drain-timeout",
+            None,
+            "10s",
+            "On stop, how long requests already received may take to be answered.",
+        ],
+        [
             "max-body-size",
             None,
             str(DEFAULT_MAX_BODY_SIZE),
@@ -258,6 +264,7 @@ class Options(usage.Options):
             stale_after=stale_after,
             expire_after=expire_after,
             cleanup_interval=self._duration("cleanup-interval"),
+            drain_timeout=self._duration("drain-timeout"),
             flush_interval=self._duration("flush-interval"),
             max_body_size=_positive_int("max-body-size", self["max-body-size"]),
             max_modules=_positive_int("max-modules", self["max-modules"]),

@@ -40,6 +40,7 @@ from hsu_registry.security.policy import (
 from hsu_registry.stores import parse_store_spec
 from hsu_registry.stores.memory import MemoryStore
 from hsu_registry.web.api import RegistryAPI
+from hsu_registry.web.drain import DrainService
 from hsu_registry.web.site import RegistrySite
 
 __all__ = [
@@ -262,6 +263,8 @@ class RegistryService(MultiService):
             self.registry, reactor, config.check_concurrency, targets=self.check_targets
         )
         self.checks.setServiceParent(self)
+        # Stopped right after the listeners: answers what was received.
+        DrainService(self.site, reactor, config.drain_timeout).setServiceParent(self)
         self.listeners: list[ListenerService] = []
         for number, description in enumerate(config.endpoints):
             listener = ListenerService(reactor, description, self.site)  # type: ignore[arg-type]
@@ -307,14 +310,30 @@ class RegistryService(MultiService):
             freeze_long_lived()
 
     def stopService(self) -> Deferred[None]:
+        """
+        Stop in the reverse order of the tree, each part once the one after
+        it has stopped (MultiService would stop them all at once): the
+        listeners, then the drain (requests already received are answered
+        while the store still writes), then the checks and jobs, and the store
+        last.
+        """
         # End every watch stream and answer every blocking query first:
         # stopping the listeners does not close the connections they hold.
         self.api.watchers.close()
         self.api.changelog.close()
-        stopped: Deferred[Any] = super().stopService()
-        # The listeners are down: end the connections they accepted, so no
-        # kept-alive client goes on talking to a stopped registry.
-        return stopped.addCallback(lambda _: self.site.close_connections())
+        Service.stopService(self)
+
+        async def stop_in_order() -> None:
+            for child in reversed(list(self)):
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    self.log.failure("Stopping {service} failed", service=child.name)
+            # The listeners are down: end the connections they accepted, so
+            # no kept-alive client goes on talking to a stopped registry.
+            self.site.close_connections()
+
+        return Deferred.fromCoroutine(stop_in_order())
 
     def reload(self) -> list[str]:
         """

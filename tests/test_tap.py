@@ -29,6 +29,7 @@ from hsu_registry.service import (
     StoreService,
     makeService,
 )
+from hsu_registry.web.drain import DrainService
 
 
 class PluginTests(SynchronousTestCase):
@@ -65,7 +66,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, RegistryService)
 
     def test_wiring_and_order(self) -> None:
-        """Store first, cleanup next, one listener per endpoint last, sharing one Site."""
+        """Store first, cleanup next, the drain, one listener per endpoint last, one Site."""
         options = tap.Options()
         options.parseOptions(
             ["--endpoint=tcp:0:interface=127.0.0.1", "--endpoint=unix:/tmp/hsu-x.sock"]
@@ -80,7 +81,10 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(children[3].monitor, service.registry._processes)
         self.assertIsInstance(children[4], HealthCheckService)
         self.assertEqual(children[4].concurrency, 32)
-        children = [children[0], children[1], *children[5:]]
+        # The drain stops right after the listeners (before the store).
+        self.assertIsInstance(children[5], DrainService)
+        self.assertEqual(children[5].timeout, 10.0)
+        children = [children[0], children[1], *children[6:]]
         self.assertEqual([c.name for c in children[2:]], ["listener-0", "listener-1"])
         self.assertIs(children[2].factory, children[3].factory)
         self.assertIs(children[2].factory, service.site)

@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -171,6 +171,7 @@ class SQLiteStore:
     """
 
     log = Logger()
+    _closed = False
 
     def __init__(self, path: str, reactor: Any = None, executor: Executor[Any] | None = None):
         self.path = path
@@ -236,6 +237,14 @@ class SQLiteStore:
         return self._enqueue(("touch", tuple((seen, m) for m, seen in last_seen.items())))
 
     def _enqueue(self, operation: tuple[Any, ...]) -> Deferred[None]:
+        if self._closed:
+            # Never reopen a closed store: a write after the stop would commit
+            # with nobody left to answer it.
+            return fail(
+                StoreUnavailable(
+                    "the registry is stopping: nothing was changed", {"reason": "closed"}
+                )
+            )
         if self._connection is None:
             self.open()
         done: Deferred[None] = Deferred()
@@ -323,6 +332,7 @@ class SQLiteStore:
         return succeed(None)
 
     def _close(self) -> None:
+        self._closed = True
         if self._connection is not None:
             self._connection.close()
             self._connection = None

@@ -71,6 +71,15 @@ class _BoundedChannel(HTTPChannel):
 
     maxBodySize = DEFAULT_MAX_BODY_SIZE
     _refused = False
+    #: Set when the daemon stops (see hsu_registry.web.drain): the request
+    #: under way is answered, then the connection closes; no other is read.
+    draining = False
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if self.draining:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def allHeadersReceived(self) -> None:
         length = self.length
@@ -156,6 +165,10 @@ class RegistrySite(Site):
         channel.maxBodySize = self.max_body_size
         self._channels.add(channel)
         return channel
+
+    def channels(self) -> list[HTTPChannel]:
+        """The connections open now (for draining them on stop)."""
+        return [channel for channel in list(self._channels) if channel.transport is not None]
 
     def close_connections(self) -> None:
         """Close every connection (the service is stopping: no new ones arrive)."""
