@@ -175,3 +175,25 @@ class HoldOffTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "paused")
         clock.advance(1)
         self.assertEqual(transport.producerState, "producing")
+
+
+class RefusalLogTests(SynchronousTestCase):
+    def test_flood_is_one_line_per_interval(self) -> None:
+        """Every refusal counts; a flood of the same one is one log line per interval."""
+        from twisted.logger import capturedLogs
+
+        from hsu_registry.security.audit import RefusalLog
+
+        clock = Clock()
+        refusals = RefusalLog(clock, interval=10)
+        with capturedLogs() as events:
+            for _ in range(1000):
+                refusals.refuse("rate", "uid:2000", "/api/v1/publish", "too many writes")
+            clock.advance(10)
+            refusals.refuse("rate", "uid:2000", "/api/v1/publish", "too many writes")
+            refusals.refuse("rate", "uid:2001", "/api/v1/publish", "too many writes")
+        self.assertEqual(refusals.refused, 1002)
+        lines = [e["log_format"].format(**e) for e in events]
+        self.assertEqual(len(lines), 3)
+        self.assertIn("(999 more like it not logged)", lines[1])
+        self.assertTrue(all(e["audit"] for e in events))

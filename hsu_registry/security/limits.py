@@ -90,7 +90,7 @@ class RateLimiter:
         raise TooManyRequests(
             f"too many {self.what} from {principal}: at most {self.rate:g} a second "
             f"(bursts of {self.burst}); retry after {wait:.2f}s",
-            {"limit": f"{self.what} rate", "retryAfter": round(wait, 3)},
+            {"limit": f"{self.what} rate", "retryAfter": round(wait, 3), "identity": principal},
             retry_after=wait,
         )
 

@@ -41,6 +41,7 @@ from hsu_registry.model import (
     parse_process_id,
     parse_publish_body,
 )
+from hsu_registry.security.audit import RefusalLog
 from hsu_registry.security.identity import Identity, connection_identity
 from hsu_registry.watch import ChangeLog
 from hsu_registry.web.catalog import module_entry
@@ -80,6 +81,8 @@ class RegistryAPI:
         self.changelog = changelog if changelog is not None else ChangeLog(registry, self.clock)
         self.watchers = WatchHub(self.changelog, self.clock)
         self._catalog: tuple[object, bytes] = (None, b"")
+        # Refusals at the edge (tokens, rates), logged without flooding the log.
+        self.refusals = RefusalLog(self.clock)
         # Vets the addresses of checked APIs at publish (None: no checks are
         # vetted here, as for a registry without a checker).
         self.targets = targets
@@ -367,9 +370,13 @@ class RegistryAPI:
         if isinstance(error, RegistryError):
             if isinstance(error, Unauthorized):
                 request.setHeader(b"www-authenticate", b'Bearer realm="hsu-registry"')
+                identity = self.identify_connection(request).principal
+                self.refusals.refuse("token", identity, _path_of(request), error.message)
             elif isinstance(error, TooManyRequests):
                 request.setHeader(b"retry-after", b"%d" % math.ceil(error.retry_after))
                 self._hold_off(request, error.retry_after)
+                identity = str((error.context or {}).get("identity", "unknown"))
+                self.refusals.refuse("rate", identity, _path_of(request), error.message)
             return error_response(request, error.status, error.message, error.context)
         if isinstance(error, MethodNotAllowed):
             allowed = sorted(error.valid_methods or ())
