@@ -66,6 +66,23 @@ class ExtractionTests(SynchronousTestCase):
             compile(text, name, "exec")  # a syntax error fails here
 
 
+class ValidityTests(SynchronousTestCase):
+    def test_valid_restructuredtext(self) -> None:
+        """README.rst renders without a warning (tables, literals, sections)."""
+        import io
+
+        import docutils.core
+
+        warnings = io.StringIO()
+        with open(README, encoding="utf-8") as f:
+            docutils.core.publish_string(
+                f.read(),
+                writer_name="null",
+                settings_overrides={"report_level": 2, "warning_stream": warnings},
+            )
+        self.assertEqual(warnings.getvalue(), "")
+
+
 class ExamplesTests(E2ETestCase):
     timeout = 180
 
