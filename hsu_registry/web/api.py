@@ -141,10 +141,12 @@ class RegistryAPI:
 
     @app.route("/api/v1/publish", methods=["POST"])
     def publish(self, request: IRequest) -> bytes | Deferred[bytes]:
-        body = request.content.read() if request.content is not None else b""
-        parsed = parse_publish_body(body, self.limits)
+        # The caller's rate first: a flood past it is refused before any of
+        # its bodies is parsed.
         identity = self.identity(request)
         self.registry.spend(self.registry.write_limiter, identity)
+        body = request.content.read() if request.content is not None else b""
+        parsed = parse_publish_body(body, self.limits)
         vetted = (
             self.targets.vet(parsed, identity.principal) if self.targets is not None else parsed
         )
@@ -373,8 +375,11 @@ class RegistryAPI:
                 identity = self.identify_connection(request).principal
                 self.refusals.refuse("token", identity, _path_of(request), error.message)
             elif isinstance(error, TooManyRequests):
-                request.setHeader(b"retry-after", b"%d" % math.ceil(error.retry_after))
-                self._hold_off(request, error.retry_after)
+                # Retry-After is whole seconds: hold the connection off for as
+                # long as it says, so ignoring it gains a flooder nothing.
+                retry_after = max(1, math.ceil(error.retry_after))
+                request.setHeader(b"retry-after", b"%d" % retry_after)
+                self._hold_off(request, retry_after)
                 identity = str((error.context or {}).get("identity", "unknown"))
                 self.refusals.refuse("rate", identity, _path_of(request), error.message)
             return error_response(request, error.status, error.message, error.context)
