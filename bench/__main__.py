@@ -7,9 +7,10 @@ subprocesses, loads them, stops them, prints a table and writes JSON (by
 default ``bench/results/latest.json``): throughput and latency, publish on the
 memory and the SQLite store (closed loop, and 64 publishers at a fixed rate),
 memory, start-up, cleanup lag, garbage-collector pauses, watch fan-out,
-process liveness and active health checks (see each module of this package).
+process liveness, active health checks and abuse (one flooding identity, and
+what identifying callers costs) (see each module of this package).
 Progress goes to stderr, the table to stdout.
-``--quick`` (about 75 s) keeps the harness working: tiny runs with the
+``--quick`` (about 90 s) keeps the harness working: tiny runs with the
 Python generator only; its figures mean nothing.
 """
 
@@ -26,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from bench import checks, fanout, liveness, wrk
+from bench import abuse, checks, fanout, liveness, wrk
 from bench.daemon import BENCH_DIR, Server, Workspace, start_daemon, start_reference
 from bench.gcpause import measure_gc
 from bench.memory import LEVELS, measure_memory
@@ -50,13 +51,14 @@ SECTIONS = (
     "fanout",
     "liveness",
     "checks",
+    "abuse",
 )
 DEFAULT_JSON = os.path.join(BENCH_DIR, "results", "latest.json")
 #: The store section's paced part in a quick run: one total rate (req/s).
 QUICK_PACED_RATE = 200.0
 #: The sections run as subprocesses; each bounds itself (its C{TIMEOUT_S},
 #: with --quick and without) and is killed this margin later, s.
-SUBPROCESS_SECTIONS = {"fanout": fanout, "liveness": liveness, "checks": checks}
+SUBPROCESS_SECTIONS = {"fanout": fanout, "liveness": liveness, "checks": checks, "abuse": abuse}
 SECTION_MARGIN_S = {True: 30.0, False: 60.0}
 
 
@@ -73,7 +75,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "1 000 modules, 10 000 registrations, 2 starts, 2 000 modules for the gc section, "
         "50 watchers and 50 blocking queries for the fanout section, "
         "5 kills and 1 000 bound modules for the liveness section, "
-        "200 checked modules and 3 s windows for the checks section",
+        "200 checked modules and 3 s windows for the checks section, "
+        "1 round of 0.5 s windows and 8 flooding connections for the abuse section",
     )
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     parser.add_argument(
@@ -286,12 +289,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _render(results: dict[str, Any]) -> str:
+    """
+    L{bench.report.render}, with the sections it does not render itself
+    (abuse, by its own module) after the others and before the run's notes.
+    """
+    table = render(results)
+    if "abuse" not in results:
+        return table
+    lines = table.rstrip("\n").split("\n")
+    at = next((n for n, line in enumerate(lines) if line.startswith("note: ")), len(lines))
+    head, notes = lines[:at], lines[at:]
+    while head and not head[-1]:
+        head.pop()
+    section = abuse.render(results["abuse"], notes=False).split("\n")
+    return "\n".join([*head, "", *section, *(["", *notes] if notes else [])]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line."""
     args = _parse(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
     results = run(args)
-    table = render(results)
+    table = _render(results)
     results["table"] = table
     write_json(results, args.json)
     sys.stdout.write(table)

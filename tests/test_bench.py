@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -114,6 +115,33 @@ CHECKS_HUNG_COUNTS = (
     "checks",
     "threads",
 )
+#: bench.abuse --quick: its settings.
+ABUSE_QUICK = {
+    "rounds": 1,
+    "window_s": 0.5,
+    "flood_connections": 8,
+    "background_modules": 100,
+    "write_rate": 50,
+    "write_burst": 200,
+    "read_rate": 20,
+    "read_burst": 50,
+}
+#: Its lookups' numbers of established connections.
+ABUSE_LOOKUP_CONNECTIONS = (64, 200)
+#: Its phases (quiet: no flood), the floods per-identity rates hold, and the transports.
+ABUSE_PHASES = ("quiet", "writes", "reads", "discover")
+ABUSE_LIMITED = ("writes", "reads")
+ABUSE_LATENCY = ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "over_target_share")
+ABUSE_LOOKUPS = ("unix", "unix_new", "tcp", "tcp_new", "proc_net", "proc_net_miss")
+ABUSE_E2E = ("discover", "services", "publish")
+ABUSE_E2E_FIGURES = (
+    "rps",
+    "p50_ms",
+    "p99_ms",
+    "daemon_cpu_ms_per_s",
+    "daemon_cpu_us_per_request",
+    "lookups_per_request",
+)
 PACED_FIGURES = (
     "rps",
     "p50_ms",
@@ -194,7 +222,18 @@ class QuickBenchmarkTests(TestCase):
         per second and per check, discover latency with its ratio to the
         figure without checks, every API passing once; then http checks
         against a target that never answers: descriptors and connections
-        held, every API critical).
+        held, every API critical) and abuse (as root: a refusal probe as uid
+        65534 answered 429 with Retry-After and a JSON body past each burst,
+        and a quiet client's discover latency with no flood and during floods
+        of writes, catalog reads and discovers by uid 65534, each with its
+        ratio to the quiet figure, the flooder's answers (429s for the
+        rate-limited floods, none for discover) and the verdict; as anyone
+        else the flood is recorded as not measured; then identity lookups in
+        process over unix sockets, sock_diag and /proc/net/tcp at 64 and 200
+        connections, and discover, services and publish on persistent and
+        new connections over both transports, against a daemon whose lookups
+        are timed: lookups per request, each lookup's time, and the
+        identity's share).
         """
         if not os.path.exists(HSU_REGISTRY) or not os.path.exists(TWISTD):
             raise SkipTest(f"hsu-registry or twistd is not installed next to {sys.executable}")
@@ -225,6 +264,9 @@ class QuickBenchmarkTests(TestCase):
             "bound to N processes",
             "Active health checks",
             "Hung target",
+            "Abuse (issue 12)",
+            "Identity lookup, in process",
+            "Per request, end to end",
         ):
             self.assertIn(heading, table)
         rows = {
@@ -433,6 +475,96 @@ class QuickBenchmarkTests(TestCase):
             self.assertEqual(cell["expired_log_lines"], modules, where)
 
         self.checkChecks(results["checks"])
+        self.checkAbuse(results["abuse"])
+
+    def checkAbuse(self, abuse: dict[str, Any]) -> None:
+        """The abuse section's JSON (L{bench.abuse}) is complete."""
+        for name, value in ABUSE_QUICK.items():
+            self.assertEqual(abuse["settings"][name], value, f"abuse {name}")
+        self.assertEqual(abuse["exit_status"], 0)
+        self.assertEqual(abuse["timed_exit_status"], 0)
+        self.assertEqual(abuse["registered"], ABUSE_QUICK["background_modules"] + 1)
+
+        lookup = abuse["lookup"]
+        self.assertEqual(abuse["settings"]["lookup_connections"], list(ABUSE_LOOKUP_CONNECTIONS))
+        self.assertEqual(lookup["connections"], list(ABUSE_LOOKUP_CONNECTIONS))
+        for method in ABUSE_LOOKUPS:
+            cells = lookup["methods"][method]
+            for total in ABUSE_LOOKUP_CONNECTIONS:
+                where = f"abuse lookup {method} {total}"
+                self.assertNumber(cells[str(total)]["median_us"], where)
+                self.assertGreater(cells[str(total)]["median_us"], 0.0, where)
+                self.assertIsInstance(lookup["rows"][str(total)], int, where)
+            self.assertNumber(cells["growth"], f"abuse lookup {method} growth")
+
+        e2e = abuse["end_to_end"]
+        for transport in TRANSPORTS:
+            for operation in ABUSE_E2E:
+                for mode in ("persistent", "new"):
+                    where = f"abuse end to end {operation} {transport} {mode}"
+                    cell = e2e[transport][operation][mode]
+                    self.assertGreater(cell["requests"], 0, where)
+                    self.assertEqual((cell["non_2xx"], cell["error_count"]), (0, 0), where)
+                    for figure in ABUSE_E2E_FIGURES:
+                        self.assertNumber(cell[figure], f"{where} {figure}")
+                    if operation != "discover" and mode == "new":
+                        # The timed daemon looked every new connection's caller up.
+                        self.assertGreaterEqual(cell["lookups_per_request"], 0.9, where)
+                        self.assertNumber(cell["lookup_us"], f"{where} lookup_us")
+            inside = e2e["daemon_lookups"][transport]
+            self.assertGreater(inside["lookups"], 0, f"abuse {transport} lookups")
+            self.assertNumber(inside["us"], f"abuse {transport} us per lookup")
+            for operation in ("services", "publish"):
+                cost = e2e["identity_cost"][transport][operation]
+                for figure in ("daemon_us", "p50_us"):
+                    self.assertNumber(cost[figure], f"abuse {transport} {operation} {figure}")
+
+        flood = abuse["flood"]
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            # A second uid needs root (and setpriv): said, not faked.
+            self.assertIsInstance(flood["not_measured"], str)
+            self.assertNotIn("phases", flood)
+            return
+        self.assertNotIn("not_measured", flood)
+        for kind, burst in (("writes", "write_burst"), ("reads", "read_burst")):
+            refusal = flood["refusal"][kind]
+            self.assertEqual(refusal["status"], 429, kind)
+            self.assertGreaterEqual(refusal["accepted_before"], ABUSE_QUICK[burst], kind)
+            self.assertEqual(refusal["content_type"], "application/json", kind)
+            self.assertTrue(refusal["retry_after"].isdigit(), refusal)
+            self.assertIs(refusal["body"]["success"], False, kind)
+        phases = flood["phases"]
+        for phase in ABUSE_PHASES:
+            cell = phases[phase]
+            self.assertEqual(len(cell["rounds"]), ABUSE_QUICK["rounds"], phase)
+            self.assertNumber(cell["daemon_cpu_ms_per_s"], f"abuse {phase} daemon CPU")
+            for transport in TRANSPORTS:
+                where = f"abuse {phase} {transport}"
+                figures = cell[transport]
+                self.assertGreater(figures["requests"], 0, where)
+                self.assertEqual((figures["non_2xx"], figures["error_count"]), (0, 0), where)
+                for figure in ABUSE_LATENCY:
+                    self.assertNumber(figures[figure], f"{where} {figure}")
+                if phase != "quiet":
+                    self.assertNumber(figures["ratio"]["p99_ms"], f"{where} ratio")
+            if phase == "quiet":
+                self.assertNotIn("flooder", cell)
+                continue
+            flooder = cell["flooder"]
+            self.assertNumber(flooder["cpu_ms_per_s"], f"abuse {phase} flooder CPU")
+            self.assertGreater(flooder["statuses"].get("200", 0), 0, phase)
+            if phase in ABUSE_LIMITED:
+                self.assertGreater(flooder["statuses"].get("429", 0), 0, phase)
+            else:
+                self.assertEqual(set(flooder["statuses"]), {"200"}, phase)
+            self.assertIs(cell["limited"], phase in ABUSE_LIMITED)
+            self.assertIsInstance(cell["ok"], bool, phase)
+            self.assertNumber(cell["p99_ratio_max"], phase)
+        self.assertIsInstance(flood["verdict"]["ok"], bool)
+        self.assertEqual(
+            flood["verdict"]["ok"], all(phases[phase]["ok"] for phase in ABUSE_LIMITED)
+        )
+        self.assertGreater(flood["flooded_modules_unpublished"], 0)
 
     def checkChecks(self, checks: dict[str, Any]) -> None:
         """The checks section's JSON (L{bench.checks}) is complete."""
