@@ -45,7 +45,10 @@ __all__ = [
     "venv_command",
 ]
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+# The real directory: a section run by the bench imports this package
+# through its parent's workspace link (/tmp/hsub-*/py/bench), whose private
+# directory another uid (the abuse section's flooder) cannot traverse.
+BENCH_DIR = os.path.dirname(os.path.realpath(__file__))
 LISTENING = re.compile(r"listening on (tcp:127\.0\.0\.1:(\d+)|unix:(\S+))")
 _PR_SET_PDEATHSIG = 1
 
