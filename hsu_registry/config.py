@@ -12,6 +12,14 @@ from hsu_registry.checks.limits import CheckLimits
 from hsu_registry.endpoints import DEFAULT_ENDPOINT
 from hsu_registry.model import DEFAULT_LIMITS, Limits
 from hsu_registry.security.limits import Quotas
+from hsu_registry.watch import WatchLimits
+from hsu_registry.web.budget import DEFAULT_MAX_BODY_MEMORY
+from hsu_registry.web.deadlines import (
+    DEFAULT_BODY_GRACE,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MIN_BODY_RATE,
+)
 from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
 
 __all__ = ["RegistryConfig"]
@@ -39,6 +47,18 @@ class RegistryConfig:
     # The most active health checks in flight at once.
     check_concurrency: int = 32
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    # Connections (see hsu_registry.web.connections): None derives each
+    # from the open-file limit when the daemon is built.
+    max_connections: int | None = None
+    max_connections_per_peer: int | None = None
+    reserved_connections: int | None = None
+    # Deadlines (see hsu_registry.web.deadlines): seconds, and bytes a second.
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE
+    body_grace: float = DEFAULT_BODY_GRACE
+    # Bytes of request bodies held at once, by all connections together.
+    max_body_memory: int = DEFAULT_MAX_BODY_MEMORY
     max_modules: int = 100_000
     store: str = "memory"
     access_log: bool = False
@@ -52,6 +72,9 @@ class RegistryConfig:
     quotas: Quotas = field(factory=Quotas)
     # Per-identity bounds on health checks (see hsu_registry.checks.limits).
     check_limits: CheckLimits = field(factory=CheckLimits)
+    # Bounds on the replay buffer, watch streams and held blocking queries
+    # (see hsu_registry.watch).
+    watch_limits: WatchLimits = field(factory=WatchLimits)
     # Freeze long-lived objects once started (see hsu_registry.gctune): the
     # daemon's commands turn it on; embedders decide for their own process.
     freeze_gc: bool = False

@@ -17,8 +17,12 @@ from hsu_registry.checks.limits import CheckLimits
 from hsu_registry.config import RegistryConfig
 from hsu_registry.durations import parse_duration
 from hsu_registry.endpoints import DEFAULT_ENDPOINT, check_description, tcp_endpoint, unix_endpoint
+from hsu_registry.model import DEFAULT_LIMITS, Limits
 from hsu_registry.security.limits import Quotas
 from hsu_registry.stores import parse_store_spec
+from hsu_registry.watch import DEFAULT_WATCH_LIMITS, WatchLimits
+from hsu_registry.web.budget import DEFAULT_MAX_BODY_MEMORY
+from hsu_registry.web.deadlines import DEFAULT_MIN_BODY_RATE
 from hsu_registry.web.limits import DEFAULT_MAX_BODY_SIZE
 
 __all__ = ["Options"]
@@ -31,6 +35,19 @@ def _positive_int(name: str, text: str) -> int:
         raise usage.UsageError(f"--{name} must be an integer, not {text!r}") from None
     if value < 1:
         raise usage.UsageError(f"--{name} must be at least 1")
+    return value
+
+
+def _optional_int(name: str, text: str | None, minimum: int) -> int | None:
+    """An integer of at least C{minimum}, or L{None} when not given (derived later)."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be an integer, not {text!r}") from None
+    if value < minimum:
+        raise usage.UsageError(f"--{name} must be at least {minimum}")
     return value
 
 
@@ -77,10 +94,117 @@ class Options(usage.Options):
         ],
         ["max-modules", None, "100000", "Most modules registered at once (more: 507)."],
         [
+            "max-registration-size",
+            None,
+            str(DEFAULT_LIMITS.max_registration_size),
+            "Largest registration (its encoded APIs), in bytes (larger: 413).",
+        ],
+        [
+            "replay-buffer-bytes",
+            None,
+            str(DEFAULT_WATCH_LIMITS.replay_bytes),
+            "Bytes of recent changes kept to replay to reconnecting watchers.",
+        ],
+        [
+            "replay-buffer-changes",
+            None,
+            str(DEFAULT_WATCH_LIMITS.replay_changes),
+            "Most recent changes kept to replay to reconnecting watchers.",
+        ],
+        [
+            "watcher-queue-bytes",
+            None,
+            str(DEFAULT_WATCH_LIMITS.queue_bytes),
+            "Bytes of changes a watcher may fall behind before it is disconnected.",
+        ],
+        [
+            "watcher-queue-events",
+            None,
+            str(DEFAULT_WATCH_LIMITS.queue_events),
+            "Changes a watcher may fall behind before it is disconnected.",
+        ],
+        [
+            "max-watchers",
+            None,
+            str(DEFAULT_WATCH_LIMITS.max_watchers),
+            "Most watch streams open at once (more: 503).",
+        ],
+        [
+            "max-watchers-per-peer",
+            None,
+            str(DEFAULT_WATCH_LIMITS.max_watchers_per_peer),
+            "Most watch streams of one peer (more: 429).",
+        ],
+        [
+            "max-held-queries",
+            None,
+            str(DEFAULT_WATCH_LIMITS.max_held),
+            "Most blocking queries held at once (more: 503).",
+        ],
+        [
+            "max-held-queries-per-peer",
+            None,
+            str(DEFAULT_WATCH_LIMITS.max_held_per_peer),
+            "Most blocking queries of one peer held at once (more: 429).",
+        ],
+        [
             "check-concurrency",
             None,
             "32",
             "Most health checks of registered APIs in flight at once.",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most client connections at once (more: 503).  Default: what the open-file "
+            "limit leaves after pidfds, health checks, the daemon's files and the reserve.",
+        ],
+        [
+            "max-connections-per-peer",
+            None,
+            None,
+            "Most connections of one uid (unix socket, loopback TCP) or source address "
+            "(other TCP; an IPv6 /64) at once (more: 429).  Default: a quarter of "
+            "--max-connections.",
+        ],
+        [
+            "reserved-connections",
+            None,
+            None,
+            "Connections beyond --max-connections for root and the registry's own user; "
+            "other peers may use half of them, for one GET /api/v1/health each.  Default: "
+            "a sixteenth of the descriptors left for connections, from 4 to 64.",
+        ],
+        [
+            "header-timeout",
+            None,
+            "10s",
+            "Time for a request line and headers, from the request's first byte (more: 408).",
+        ],
+        [
+            "idle-timeout",
+            None,
+            "1m",
+            "A kept-alive connection on which no request begins for this long is closed.",
+        ],
+        [
+            "min-body-rate",
+            None,
+            str(DEFAULT_MIN_BODY_RATE),
+            "Bytes a second a request body must arrive at, over each --body-grace (slower: 408).",
+        ],
+        [
+            "body-grace",
+            None,
+            "10s",
+            "The period over which a request body's rate is measured, from the end of its headers.",
+        ],
+        [
+            "max-body-memory",
+            None,
+            str(DEFAULT_MAX_BODY_MEMORY),
+            "Bytes of request bodies held at once by all connections together (more: 503).",
         ],
         [
             "store",
@@ -233,6 +357,48 @@ class Options(usage.Options):
             in_flight_share=share,
         )
 
+    def _watch_limits(self) -> WatchLimits:
+        limits = WatchLimits(
+            replay_bytes=_positive_int("replay-buffer-bytes", self["replay-buffer-bytes"]),
+            replay_changes=_positive_int("replay-buffer-changes", self["replay-buffer-changes"]),
+            queue_bytes=_positive_int("watcher-queue-bytes", self["watcher-queue-bytes"]),
+            queue_events=_positive_int("watcher-queue-events", self["watcher-queue-events"]),
+            max_watchers=_positive_int("max-watchers", self["max-watchers"]),
+            max_watchers_per_peer=_positive_int(
+                "max-watchers-per-peer", self["max-watchers-per-peer"]
+            ),
+            max_held=_positive_int("max-held-queries", self["max-held-queries"]),
+            max_held_per_peer=_positive_int(
+                "max-held-queries-per-peer", self["max-held-queries-per-peer"]
+            ),
+        )
+        # A watcher within its bounds must find its next change in the buffer.
+        if limits.queue_bytes > limits.replay_bytes:
+            raise usage.UsageError("--watcher-queue-bytes must not exceed --replay-buffer-bytes")
+        if limits.queue_events > limits.replay_changes:
+            raise usage.UsageError("--watcher-queue-events must not exceed --replay-buffer-changes")
+        return limits
+
+    def _connection_bounds(self) -> dict[str, Any]:
+        """The bounds on connections, their deadlines and their bodies."""
+        max_body_memory = _positive_int("max-body-memory", self["max-body-memory"])
+        if max_body_memory < _positive_int("max-body-size", self["max-body-size"]):
+            raise usage.UsageError("--max-body-memory must not be less than --max-body-size")
+        return {
+            "max_connections": _optional_int("max-connections", self["max-connections"], 1),
+            "max_connections_per_peer": _optional_int(
+                "max-connections-per-peer", self["max-connections-per-peer"], 1
+            ),
+            "reserved_connections": _optional_int(
+                "reserved-connections", self["reserved-connections"], 0
+            ),
+            "header_timeout": self._duration("header-timeout"),
+            "idle_timeout": self._duration("idle-timeout"),
+            "min_body_rate": _positive_int("min-body-rate", self["min-body-rate"]),
+            "body_grace": self._duration("body-grace"),
+            "max_body_memory": max_body_memory,
+        }
+
     def postOptions(self) -> None:
         if self["discover-heartbeat"] and self["no-discover-heartbeat"]:
             raise usage.UsageError("give one of --discover-heartbeat and --no-discover-heartbeat")
@@ -270,12 +436,19 @@ class Options(usage.Options):
             max_modules=_positive_int("max-modules", self["max-modules"]),
             store=store,
             access_log=bool(self["access-log"]),
+            **self._connection_bounds(),
             freeze_gc=True,
             discover_heartbeat=not self["no-discover-heartbeat"],
             process_binding=not self["no-process-binding"],
             check_concurrency=_positive_int("check-concurrency", self["check-concurrency"]),
             policy=policy,
             check_limits=self._check_limits(),
+            watch_limits=self._watch_limits(),
+            limits=Limits(
+                max_registration_size=_positive_int(
+                    "max-registration-size", self["max-registration-size"]
+                )
+            ),
             quotas=Quotas(
                 write_rate=write_rate,
                 write_burst=max(1, int(write_rate * 4)),

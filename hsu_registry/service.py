@@ -39,9 +39,10 @@ from hsu_registry.security.policy import (
 )
 from hsu_registry.stores import parse_store_spec
 from hsu_registry.stores.memory import MemoryStore
+from hsu_registry.watch import ChangeLog
 from hsu_registry.web.api import RegistryAPI
 from hsu_registry.web.drain import DrainService
-from hsu_registry.web.site import RegistrySite
+from hsu_registry.web.site import RegistrySite, site_bounds
 
 __all__ = [
     "CleanupService",
@@ -247,12 +248,20 @@ class RegistryService(MultiService):
             extra_networks=self._check_networks,
             limits=config.check_limits,
         )
-        self.api = RegistryAPI(self.registry, config.limits, targets=self.check_targets)
+        self.api = RegistryAPI(
+            self.registry,
+            config.limits,
+            changelog=ChangeLog(self.registry, reactor, limits=config.watch_limits),
+            targets=self.check_targets,
+        )
         self.site = RegistrySite(
             self.api.resource(),
             max_body_size=config.max_body_size,
             access_log=config.access_log,
             reactor=reactor,
+            # Connection limits, deadlines and the body budget; the default
+            # limits leave room for the pidfds of process-bound registrations.
+            **site_bounds(config, process_binding=self.processes is not None),
         )
         StoreService(self.registry, self.store).setServiceParent(self)
         CleanupService(self.registry, config.cleanup_interval, reactor).setServiceParent(self)

@@ -151,3 +151,36 @@ class SiteTests(SynchronousTestCase):
         _, transport = self.connect()
         self.clock.advance(61)
         self.assertTrue(transport.disconnecting)
+
+    def test_chunked_body_over_limit_in_one_read(self) -> None:
+        """
+        A chunked body over the limit whose end arrives in the same read is
+        answered the 413 alone: the rest of the read is not served.
+        """
+        body = publish_body("sneaky")
+        channel, transport = self.connect()
+        channel.dataReceived(  # type: ignore[attr-defined]
+            b"POST /api/v1/publish HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % 1001
+            + b" " * 1001
+            + b"\r\n%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)
+        self.assertEqual(_response(transport.value())[0], 413)
+        self.assertIsNone(self.registry.get("sneaky"))
+        self.assertEqual(self.site.bodies.used, 0)
+
+    def test_counters(self) -> None:
+        """The site's bounds are counted, for a metrics endpoint."""
+        self.post(publish_body("counted"))
+        stats = self.site.stats()
+        self.assertEqual(stats["connections_open"], 1)
+        self.assertEqual(stats["connections_accepted"], 1)
+        self.assertEqual(stats["body_bytes_held"], 0)
+        self.assertGreater(stats["body_bytes_peak"], 0)
+        self.assertEqual(
+            {k: stats[k] for k in ("header_timeouts", "body_timeouts", "idle_timeouts")},
+            {"header_timeouts": 0, "body_timeouts": 0, "idle_timeouts": 0},
+        )

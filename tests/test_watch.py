@@ -5,14 +5,18 @@ and blocking queries, on a L{task.Clock}.
 
 from __future__ import annotations
 
+import json
 import random
+import weakref
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from hsu_registry.model import ModuleAPI, PublishRequest
 from hsu_registry.registry import ChangeKind, Registry
 from hsu_registry.stores.memory import MemoryStore
-from hsu_registry.watch import ChangeLog
+from hsu_registry.watch import ChangeLog, WatchLimitReached, WatchLimits
 
 from .helpers import publish_request
 
@@ -132,3 +136,86 @@ class ChangeLogTests(SynchronousTestCase):
         self.log.close()
         self.assertEqual(self.successResultOf(d), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ChangeLogBytesTests(SynchronousTestCase):
+    """The replay buffer counted in bytes (issue 13), beside its count bound."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(MemoryStore(), self.clock)
+        self.log = ChangeLog(self.registry, self.clock, size=100, max_bytes=5000)
+
+    def publish(self, name: str, size: int, salt: int = 0) -> None:
+        metadata = tuple((f"k{i}", "v" * 90) for i in range(size // 100))
+        request = PublishRequest(name, 1, (ModuleAPI(("s",), 1 + salt, "grpc", None, metadata),))
+        self.successResultOf(self.registry.publish(request))
+
+    def test_bytes_bound(self) -> None:
+        """The oldest changes go once the buffer holds more bytes than its budget."""
+        for i in range(20):
+            self.publish("big", 1000, i)
+        self.assertLessEqual(self.log.kept_bytes, 5000)
+        self.assertGreater(self.log.kept, 1)
+        self.assertLess(self.log.kept, 20)
+        first = self.log.first
+        self.assertEqual(first, 21 - self.log.kept)
+        self.assertIsNone(self.log.since(first - 2))
+        self.assertEqual([c.index for c in self.log.since(first - 1) or []], list(range(first, 21)))
+        kept = self.log.since(first - 1) or []
+        self.assertEqual(self.log.kept_bytes, sum(c.size for c in kept))
+
+    def test_newest_always_kept(self) -> None:
+        """A change larger than the whole budget is still kept, alone."""
+        self.publish("a", 100)
+        self.publish("huge", 20_000)
+        self.assertEqual(self.log.kept, 1)
+        self.assertEqual([c.module_id for c in self.log.since(1) or []], ["huge"])
+
+    def test_positions(self) -> None:
+        """How far behind a change is, in bytes, from the changes' sizes."""
+        for i in range(3):
+            self.publish(f"m{i}", 500)
+        sizes = [c.size for c in self.log.since(0) or []]
+        self.assertEqual(self.log.position(3), self.log.logged_bytes)
+        self.assertEqual(self.log.position(0), 0)
+        self.assertEqual(self.log.position(1), sizes[0])
+        self.assertEqual(self.log.logged_bytes, sum(sizes))
+
+    def test_encoded_once_and_registration_let_go(self) -> None:
+        """
+        A change's event is encoded once; from then on the buffer holds the
+        event, not the change and its registration.
+        """
+        held: list[weakref.ref[Any]] = []
+        self.registry.subscribe(lambda change: held.append(weakref.ref(change.registration)))
+        self.publish("m", 500)
+        entry = self.log.entry(1)
+        assert entry is not None
+        self.assertIsNotNone(held[0]())  # not encoded yet: the change is kept
+        event = entry.event()
+        self.assertIs(entry.event(), event)
+        self.assertIsNone(held[0]())
+        self.assertTrue(event.startswith(b"id: 1\nevent: published\ndata: {"))
+        self.assertTrue(event.endswith(b"}\n\n"))
+        data = json.loads(event.split(b"data: ", 1)[1])
+        self.assertEqual((data["moduleID"], data["index"]), ("m", 1))
+        self.assertEqual(data["epoch"], self.registry.epoch)
+
+    def test_held_query_limits(self) -> None:
+        """admit() counts held queries per peer and in all; release is once only."""
+        self.log.limits = WatchLimits(max_held=3, max_held_per_peer=2)
+        first = self.log.admit("a")
+        self.log.admit("a")
+        error = self.assertRaises(WatchLimitReached, self.log.admit, "a")
+        self.assertEqual(
+            (error.status, error.context),
+            (429, {"limit": "max-held-queries-per-peer", "max": 2, "peer": "a"}),
+        )
+        self.log.admit("b")
+        error = self.assertRaises(WatchLimitReached, self.log.admit, "c")
+        self.assertEqual(error.status, 503)
+        first()
+        first()
+        self.assertEqual(self.log.held, 2)
+        self.log.admit("a")

@@ -44,9 +44,9 @@ from hsu_registry.model import (
 from hsu_registry.security.audit import RefusalLog
 from hsu_registry.security.identity import Identity, connection_identity
 from hsu_registry.watch import ChangeLog
-from hsu_registry.web.catalog import module_entry
+from hsu_registry.web.catalog import Answers, Built, module_entry, respond
 from hsu_registry.web.responses import SUCCESS, error_response, json_response
-from hsu_registry.web.watch import WatchHub
+from hsu_registry.web.watch import WatchHub, peer_of
 
 __all__ = ["RegistryAPI"]
 
@@ -80,7 +80,8 @@ class RegistryAPI:
         self.clock: IReactorTime = clock if clock is not None else registry.clock
         self.changelog = changelog if changelog is not None else ChangeLog(registry, self.clock)
         self.watchers = WatchHub(self.changelog, self.clock)
-        self._catalog: tuple[object, bytes] = (None, b"")
+        # The catalog's large answers, built in slices and shared per change.
+        self.answers = Answers(registry, self.clock)
         # Refusals at the edge (tokens, rates), logged without flooding the log.
         self.refusals = RefusalLog(self.clock)
         # Vets the addresses of checked APIs at publish (None: no checks are
@@ -201,21 +202,16 @@ class RegistryAPI:
         self._check_read(request, expensive=True)
         return self._maybe_blocking(request, lambda: self._modules(request))
 
-    def _modules(self, request: IRequest) -> bytes:
-        now = self.clock.seconds()
-        # Many blocking queries wake on the same change: build the catalog
+    def _modules(self, request: IRequest) -> Any:
+        # Many blocking queries wake on the same change: the catalog is built
         # once per change index and second (its states change with time).
-        key = (self.registry.epoch, self.registry.index, int(now))
-        if self._catalog[0] != key:
-            stale = self.registry.stale_after
-            binding = self.registry.binding
-            entries = [
-                module_entry(registration, seen, now, stale, binding(registration.module_id))
-                for registration, seen in self.registry.registrations()
-            ]
-            self._catalog = (key, b'{"modules":[' + b",".join(entries) + b"]}")
-        self._index_headers(request)
-        return json_response(request, self._catalog[1])
+        return self._respond(request, self.answers.modules())
+
+    def _respond(self, request: IRequest, built: Built | Deferred[Built]) -> Any:
+        """A large answer (see L{Answers}): now or once built; bytes, or written in slices."""
+        if isinstance(built, Deferred):
+            return built.addCallback(lambda done: respond(request, done, self.clock))
+        return respond(request, built, self.clock)
 
     @app.route("/api/v1/modules/<moduleID>", methods=["GET"])
     def module(self, request: IRequest, moduleID: str) -> bytes | Deferred[bytes]:
@@ -243,29 +239,9 @@ class RegistryAPI:
         passing = _parse_passing((request.args or {}).get(b"passing"))
         return self._maybe_blocking(request, lambda: self._service(request, serviceID, passing))
 
-    def _service(self, request: IRequest, service_id: str, passing: bool) -> bytes:
-        now = self.clock.seconds()
-        providers = []
-        for registration, _seen in self.registry.providers(service_id):
-            apis = [
-                api.to_json()
-                for api in registration.apis
-                if service_id in api.service_ids and (api.passing or not passing)
-            ]
-            if not apis:
-                continue  # none of its APIs for this service passes
-            provider = {
-                "moduleID": registration.module_id,
-                "processID": registration.process_id,
-                "apis": apis,
-                "state": "stale"
-                if self.registry.is_stale(registration.module_id, now)
-                else "ready",
-            }
-            providers.append(provider)
-        self._index_headers(request)
-        body = encode_json({"serviceID": service_id, "providers": providers})
-        return json_response(request, body)
+    def _service(self, request: IRequest, service_id: str, passing: bool) -> Any:
+        # From the registry's index by service, built once per change index.
+        return self._respond(request, self.answers.service(service_id, passing))
 
     @app.route("/api/v1/watch", methods=["GET"])
     def watch(self, request: IRequest) -> Any:
@@ -279,7 +255,10 @@ class RegistryAPI:
             epoch = args[b"epoch"][0]
         last_index = _parse_index(last, "Last-Event-ID") if last is not None else None
         return self.watchers.open(
-            request, last_index, epoch.decode("ascii", "replace") if epoch else None
+            request,
+            last_index,
+            epoch.decode("ascii", "replace") if epoch else None,
+            peer=peer_of(self.identify_connection(request), request),
         )
 
     # -- blocking queries --------------------------------------------------
@@ -288,21 +267,21 @@ class RegistryAPI:
         request.setHeader(b"x-hsu-index", b"%d" % self.registry.index)
         request.setHeader(b"x-hsu-epoch", self.registry.epoch.encode("ascii"))
 
-    def _maybe_blocking(
-        self, request: IRequest, answer: Callable[[], bytes]
-    ) -> bytes | Deferred[bytes]:
+    def _maybe_blocking(self, request: IRequest, answer: Callable[[], Any]) -> Any:
         args = request.args or {}
         if b"index" in args:
             return self._blocking(request, answer, None)
         return answer()
 
     def _blocking(
-        self, request: Any, answer: Callable[[], bytes], module_id: str | None
-    ) -> bytes | Deferred[bytes]:
+        self, request: Any, answer: Callable[[], Any], module_id: str | None
+    ) -> Deferred[Any]:
         """
         Hold the answer until the change index passes C{?index=} (or, for a
         discover of a module that is not there, until it appears), at most
-        C{?wait=} (bounded), then answer the current state.
+        C{?wait=} (bounded), then answer the current state.  A query that
+        waits counts against the held-query limits of its peer and of the
+        daemon (see L{ChangeLog.admit}) until answered.
         """
         args = request.args or {}
         wait = _parse_wait(args.get(b"wait"), self.changelog.max_wait)
@@ -318,20 +297,30 @@ class RegistryAPI:
 
         request.notifyFinish().addErrback(client_left)
 
-        async def held() -> bytes:
-            while True:
-                if self.changelog.closed:
-                    return answer()  # the daemon is stopping: answer what there is
-                if since is not None:
-                    if self.registry.index != since:
-                        return answer()
-                elif module_id is not None and self.registry.get(module_id) is not None:
-                    return answer()
-                remaining = deadline - self.clock.seconds()
-                if remaining <= 0:
-                    return answer()
-                waiting[:] = [self.changelog.wait(self.registry.index, remaining)]
-                await waiting[0]
+        async def held() -> Any:
+            release: Callable[[], None] | None = None
+            try:
+                while not self.changelog.closed:  # stopping: answer what there is
+                    if since is not None:
+                        if self.registry.index != since:
+                            break
+                    elif module_id is not None and self.registry.get(module_id) is not None:
+                        break
+                    remaining = deadline - self.clock.seconds()
+                    if remaining <= 0:
+                        break
+                    if release is None:  # it waits: count it (or refuse it)
+                        peer = peer_of(self.identify_connection(request), request)
+                        release = self.changelog.admit(peer)
+                    waiting[:] = [self.changelog.wait(self.registry.index, remaining)]
+                    await waiting[0]
+            finally:
+                if release is not None:
+                    release()
+            result = answer()
+            if isinstance(result, Deferred):
+                result = await result  # a large answer being built
+            return result
 
         return Deferred.fromCoroutine(held())
 
@@ -567,8 +556,10 @@ class _APIResource(Resource):
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def write(body: bytes | None) -> None:
-            if gone or body is None or request.channel is None:
-                return  # the client left; the change itself went through
+            if gone or body is None or body is NOT_DONE_YET or request.channel is None:
+                # The client left (the change itself went through), or a
+                # large answer writes itself.
+                return
             request.setHeader(b"content-length", b"%d" % len(body))
             request.write(body)
             request.finish()

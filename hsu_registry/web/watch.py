@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_watch_api -*-
+# -*- test-case-name: tests.test_watch_api,tests.test_memory_bounds -*-
 """
 The watch stream: C{GET /api/v1/watch} as Server-Sent Events, one event per
 change, with the change index as the event id.
@@ -7,100 +7,373 @@ change, with the change index as the event id.
    C{X-HSU-Epoch} or C{?epoch=}); it is replayed what it missed from the
    change log, or sent an explicit C{resync} event when those changes are no
    longer there (or the daemon restarted).
- - Each change is encoded once for all streams.  A stream whose client reads
-   too slowly is paused by its transport; its events queue up to a limit,
-   past which it is disconnected (it can resume with C{Last-Event-ID}), so no
-   watcher can grow the daemon's memory without bound.
- - One timer for all streams writes keep-alive comments while any is open;
-   idle streams cost nothing else.  Stopping the daemon ends every stream.
+ - A stream is a cursor over the change log, not a queue: it writes the
+   log's events (each encoded once, the same C{bytes} for every stream) as
+   its client reads.  Each stream is a push producer registered with its
+   request: it writes until its transport says its buffer is full (64 KiB),
+   and goes on when the transport has sent it, so a client that does not
+   read holds about that much of the daemon's memory, whatever it is sent
+   or replayed.  A large event is written in slices for the same reason:
+   Twisted joins what is buffered into one C{bytes} per connection before
+   sending, which would copy a whole event per watcher.
+ - A watcher that falls C{queue_events} events or C{queue_bytes} bytes
+   behind the changes that came after it connected is disconnected (it can
+   resume with C{Last-Event-ID}); so is one whose next change the log no
+   longer holds.
+ - A change is written to at most L{BATCH_STREAMS} streams (and
+   L{BATCH_BYTES}) per reactor turn, the first batch at once; the others
+   follow turn after turn, each stream writing every change it has not
+   written yet, so one change or a burst of changes costs each stream one
+   write, and the reactor serves requests between batches however many
+   watchers there are.
+ - Streams are bounded in number, in all and per peer (503 and 429, see
+   L{hsu_registry.watch.WatchLimits}).
+ - One timer for all streams writes keep-alive comments (in batches too)
+   while any is open; idle streams cost nothing else.  Stopping the daemon
+   ends every stream.
+ - When closed streams had buffered much, the memory is handed back to the
+   system soon after (L{Reclaimer}), rather than at the next full collection.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import heapq
 import json
+import sys
+import time
+import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from hsu_registry.registry import Change
-from hsu_registry.watch import ChangeLog
-from hsu_registry.web.catalog import rfc3339
+from hsu_registry.security.identity import Identity
+from hsu_registry.watch import ChangeLog, WatchLimitReached, encode_change
 
-__all__ = ["WatchHub", "encode_change"]
+__all__ = ["Reclaimer", "WatchHub", "encode_change", "peer_of"]
+
+#: The most bytes one write call hands the transport: a larger event is
+#: written in slices of this size, smaller ones are written as they are (or
+#: a few together).
+CHUNK = 8 * 1024
+#: How much a stream's transport buffers before it says it is full (Twisted's
+#: default is 64 KiB): what a client that does not read holds of the
+#: daemon's memory (the kernel's socket buffers aside).
+STREAM_BUFFER = 16 * 1024
+#: The most bytes a stream writes in one go before it lets other streams
+#: have their turn (a transport that never says it is full, for one).
+PUMP_BYTES = 256 * 1024
+#: Streams written to, and bytes written, per reactor turn.
+BATCH_STREAMS = 256
+BATCH_BYTES = 4 * 1024 * 1024
+
+_KEEPALIVE = b": keep-alive\n\n"
+
+#: About what a paused stream's transport holds: its buffer is full and one
+#: more write may be there.
+PAUSED_BUFFER = STREAM_BUFFER + CHUNK
+#: About what a closed stream's connection lets go besides (its channel,
+#: request and transport objects, and what their buffers grew to).
+CLOSED_STREAM = 16 * 1024
+#: The most closed connections a reclaiming pass looks for.
+MAX_WITNESSES = 100_000
+
+# A stream's states: caught up and writable, waiting for its turn, being
+# written to, paused by its transport, gone.
+_IDLE, _READY, _WRITING, _PAUSED, _CLOSED = range(5)
 
 
 def _event(name: str, index: int, data: bytes) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (index, name.encode("ascii"), data)
 
 
-def encode_change(change: Change, epoch: str) -> bytes:
-    """One SSE event for C{change}: its kind, index and the registration."""
-    registration = change.registration
-    data = (
-        registration.discover_body[:-1]
-        + (
-            f',"processID":{registration.process_id},'
-            f'"registeredAt":"{rfc3339(registration.registered_at)}",'
-            f'"index":{change.index},"epoch":"{epoch}"}}'
-        ).encode()
-    )
-    return _event(change.kind.value, change.index, data)
+def peer_of(identity: Identity, request: Any) -> str:
+    """
+    Whose share of the watch limits a request takes: its connection's
+    principal (C{uid:1000}, C{x509:NAME}), or, for a peer the kernel cannot
+    name (remote TCP), C{anonymous@HOST}, so that remote clients do not all
+    share one count.
+    """
+    if not identity.anonymous:
+        return identity.principal
+    try:
+        host = getattr(request.getClientAddress(), "host", None)
+    except Exception:
+        host = None
+    return f"anonymous@{host}" if host else "anonymous"
+
+
+class Reclaimer:
+    """
+    Hands memory back to the system soon after large buffers were let go.
+
+    A closed connection's objects (its channel, request and transport, and
+    what the transport had buffered) are freed when the last reference goes,
+    unless they are held in a reference cycle: then only the collector frees
+    them, and those that lived long enough to reach the oldest generation
+    wait for a full collection, which may not come for a long time.  And
+    glibc keeps freed memory in its heap rather than return it.  So once
+    about C{threshold} bytes were let go, a moment later (C{delay}, so that a
+    burst of closes costs one pass): the collector runs, but only when some
+    of the closed connections are still there (each is watched through a
+    weak reference to its transport), and only when the connections it would
+    walk, closed and open (C{open_streams}), are at most C{max_collect}: a
+    full collection walks every object made since start-up, about 20 ms
+    per thousand connections here, and the reactor waits meanwhile; past
+    that it is left to Python's own collector, and said so.  Then, on glibc
+    and in the next turn, C{malloc_trim(0)} returns the free pages.  Each
+    step is logged with its duration.
+
+    Closed watch streams hold no reference cycle of their own: with a
+    channel that holds none either, their connections are freed as they
+    close and the pass only returns memory to the system.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        threshold: int = 4 * 1024 * 1024,
+        delay: float = 1.0,
+        open_streams: Callable[[], int] = lambda: 0,
+        max_collect: int = 1000,
+    ) -> None:
+        self.clock = clock
+        self.threshold = threshold
+        self.delay = delay
+        self.open_streams = open_streams
+        self.max_collect = max_collect
+        self.pending = 0
+        self._call: IDelayedCall | None = None
+        self._trim = _malloc_trim()
+        # Weak references to what was let go since the last pass (at most
+        # MAX_WITNESSES; past that, the pass collects without looking).
+        self._witnesses: list[weakref.ref[Any]] = []
+        self._unwitnessed = False
+
+    def released(self, size: int, witness: object = None) -> None:
+        """
+        Note that about C{size} bytes were let go, with C{witness} (the
+        closed connection's transport): if it still exists at the pass, it
+        waits for the collector.
+        """
+        self.pending += size
+        if witness is not None:
+            if len(self._witnesses) < MAX_WITNESSES:
+                try:
+                    self._witnesses.append(weakref.ref(witness))
+                except TypeError:
+                    self._unwitnessed = True
+            else:
+                self._unwitnessed = True
+        if self.pending >= self.threshold and self._call is None:
+            self._call = self.clock.callLater(self.delay, self.reclaim)
+
+    def reclaim(self) -> None:
+        """Collect now if needed, and return the free memory to the system in the next turn."""
+        self._call = None
+        pending, self.pending = self.pending, 0
+        waiting = sum(1 for ref in self._witnesses if ref() is not None)
+        cyclic = self._unwitnessed or waiting > 0
+        self._witnesses, self._unwitnessed = [], False
+        walked = waiting + self.open_streams()
+        if cyclic and walked > self.max_collect:
+            self.log.info(
+                "{waiting} closed connections wait for the collector: left to Python's own, "
+                "a pass over {walked} connections would keep the reactor busy too long",
+                waiting=waiting,
+                walked=walked,
+            )
+            cyclic = False
+        started = time.perf_counter()
+        found = gc.collect() if cyclic else None
+        collect_ms = (time.perf_counter() - started) * 1000
+        if self._trim is None:
+            self._reclaimed(pending, waiting, found, collect_ms, None)
+            return
+        # Not in the same turn: each is one stretch of work of its own.
+        self._call = self.clock.callLater(0, self._return, pending, waiting, found, collect_ms)
+
+    def _return(self, pending: int, waiting: int, found: int | None, collect_ms: float) -> None:
+        self._call = None
+        started = time.perf_counter()
+        if self._trim is not None:
+            self._trim(0)
+        trim_ms = (time.perf_counter() - started) * 1000
+        self._reclaimed(pending, waiting, found, collect_ms, trim_ms)
+
+    def _reclaimed(
+        self,
+        pending: int,
+        waiting: int,
+        found: int | None,
+        collect_ms: float,
+        trim_ms: float | None,
+    ) -> None:
+        if found is not None:
+            collected = (
+                f"{waiting} connections waited for the collector, "
+                f"{found} objects collected in {collect_ms:.1f} ms"
+            )
+        else:
+            collected = "not collected" if waiting else "no collection needed"
+        trimmed = "" if trim_ms is None else f", returned to the system in {trim_ms:.1f} ms"
+        self.log.info(
+            "Reclaimed the memory of closed streams (about {pending} bytes): {collected}{trimmed}",
+            pending=pending,
+            collected=collected,
+            trimmed=trimmed,
+            waiting=waiting,
+            found=found,
+            collect_ms=collect_ms,
+            trim_ms=trim_ms,
+        )
+
+    def cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's C{malloc_trim}, or L{None} elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    function: Callable[[int], int] = trim
+    return function
 
 
 @implementer(IPushProducer)
 class _Stream:
-    """One open watch: writes events, or queues them while its client is slow."""
+    """
+    One open watch: a cursor over the change log, written as its transport
+    takes it.
 
-    def __init__(self, hub: WatchHub, request: Any) -> None:
+    @ivar cursor: the index of the last change written whole.
+    @ivar offset: how much of the next change's event is written (a large
+        event goes out in slices).
+    @ivar base: the index when the stream opened: the changes before it (a
+        replay) do not count against the stream's queue bounds.
+    """
+
+    def __init__(self, hub: WatchHub, request: Any, peer: str, cursor: int) -> None:
         self.hub = hub
-        self.request = request
+        self.request: Any = request
+        self.peer = peer
+        self.cursor = cursor
+        self.base = hub.changelog.index
+        self.offset = 0
+        # What the reclaiming pass watches for once the stream is closed.
+        self.transport = getattr(request, "transport", None)
         self.paused = False
-        self.closed = False
-        self.queue: deque[bytes] = deque()
+        self.state = _WRITING  # settled by the hub once opened
+        self.pinged = hub.ping_round
+        # Which of its entries in the hub's heap of paused streams is live.
+        self.mark = 0
 
-    def send(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if not self.paused:
-            self.request.write(data)
-            return
-        self.queue.append(data)
-        if len(self.queue) > self.hub.queue_limit:
-            self.hub.log.warn(
-                "Disconnecting a watcher that fell {count} events behind",
-                count=len(self.queue),
-            )
-            self.close()
-            self.request.transport.abortConnection()
+    # -- IPushProducer: called by the transport ---------------------------
 
     def pauseProducing(self) -> None:
         self.paused = True
+        if self.state == _IDLE:
+            self.hub.paused(self)
 
     def resumeProducing(self) -> None:
         self.paused = False
-        while self.queue and not self.paused and not self.closed:
-            self.request.write(self.queue.popleft())
+        if self.state == _PAUSED:
+            self.hub.ready(self)
 
     def stopProducing(self) -> None:
         self.close()
 
+    # -- writing ---------------------------------------------------------
+
+    @property
+    def behind(self) -> bool:
+        """Whether some change is not written yet."""
+        return self.offset > 0 or self.cursor < self.hub.changelog.index
+
+    def pump(self, budget: int) -> int:
+        """
+        Write what is not written yet, until the transport is full, C{budget}
+        bytes are written or nothing is left; the bytes written.
+        """
+        log = self.hub.changelog
+        written = 0
+        while not self.paused and self.state != _CLOSED and written < budget:
+            head = log.index
+            if self.cursor >= head:
+                if self.pinged != self.hub.ping_round:
+                    self.pinged = self.hub.ping_round
+                    self.request.write(_KEEPALIVE)
+                    written += len(_KEEPALIVE)
+                break
+            entry = log.entry(self.cursor + 1)
+            if entry is None:
+                self.hub.drop(self, "its next change is no longer in the change log")
+                break
+            event = entry.event()
+            if self.offset == 0 and len(event) <= CHUNK:
+                # Small events as they are, a few together (the join copies
+                # at most CHUNK bytes, once).
+                parts = [event]
+                size = len(event)
+                cursor = self.cursor + 1
+                while cursor < head:
+                    following = log.entry(cursor + 1)
+                    if following is None:
+                        break
+                    more = following.event()
+                    if size + len(more) > CHUNK:
+                        break
+                    parts.append(more)
+                    size += len(more)
+                    cursor += 1
+                self.cursor = cursor
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+            else:
+                data = event[self.offset : self.offset + CHUNK]
+                self.offset += len(data)
+                if self.offset >= len(event):
+                    self.cursor += 1
+                    self.offset = 0
+            self.pinged = self.hub.ping_round
+            written += len(data)
+            self.request.write(data)  # may pause this stream
+        return written
+
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.queue.clear()
+        if self.state != _CLOSED:
+            self.state = _CLOSED
             self.hub.discard(self)
+            # No cycle through the request's reference to its producer.
+            self.request = self.transport = None
 
     def finish(self) -> None:
         """End the stream cleanly (the daemon is stopping)."""
-        if not self.closed:
+        request = self.request
+        if self.state != _CLOSED and request is not None:
             self.close()
-            self.request.unregisterProducer()
-            self.request.finish()
+            request.unregisterProducer()
+            request.finish()
 
 
 class WatchHub:
@@ -109,7 +382,8 @@ class WatchHub:
 
     @param keepalive: seconds between keep-alive comments on open streams.
     @param queue_limit: events a slow watcher may fall behind before it is
-        disconnected.
+        disconnected (default: the change log's C{limits.queue_events}).
+    @param queue_bytes: the same bound in bytes (default: C{limits.queue_bytes}).
     """
 
     log = Logger()
@@ -119,50 +393,219 @@ class WatchHub:
         changelog: ChangeLog,
         clock: IReactorTime,
         keepalive: float = 15.0,
-        queue_limit: int = 1024,
+        queue_limit: int | None = None,
+        queue_bytes: int | None = None,
     ) -> None:
+        limits = changelog.limits
         self.changelog = changelog
         self.clock = clock
         self.keepalive = keepalive
-        self.queue_limit = queue_limit
+        self.queue_limit = queue_limit if queue_limit is not None else limits.queue_events
+        self.queue_bytes = queue_bytes if queue_bytes is not None else limits.queue_bytes
+        self.max_watchers = limits.max_watchers
+        self.max_watchers_per_peer = limits.max_watchers_per_peer
         self.streams: set[_Stream] = set()
+        self._by_peer: dict[str, int] = {}
+        # Streams caught up (written to at the next change), streams waiting
+        # for their turn, and paused streams by how far behind they started
+        # to lag (index, mark, stream): the first ones fall behind first.
+        self._idle: set[_Stream] = set()
+        self._ready: deque[_Stream] = deque()
+        self._lagging: list[tuple[int, int, _Stream]] = []
+        self._marks = 0
+        self._pass: IDelayedCall | None = None
+        self.ping_round = 0
         self._pinger: LoopingCall | None = None
-        # After the change log (subscribed when it was made): a stream that
-        # reconnects at once finds the change in its buffer.
+        self.reclaimer = Reclaimer(clock, open_streams=lambda: len(self.streams))
+        # After the change log (subscribed when it was made): the change is
+        # in its buffer when the streams are told of it.
         changelog.registry.subscribe(self._changed)
 
-    def open(self, request: Any, last_index: int | None, epoch: str | None) -> object:
-        """Start a stream on C{request}, replaying from C{last_index} when given."""
+    def count(self, peer: str) -> int:
+        """How many streams C{peer} has open."""
+        return self._by_peer.get(peer, 0)
+
+    def open(
+        self, request: Any, last_index: int | None, epoch: str | None, peer: str = "anonymous"
+    ) -> object:
+        """
+        Start a stream on C{request} for C{peer}, replaying from
+        C{last_index} when given.
+
+        @raise WatchLimitReached: past C{max_watchers} (503) or
+            C{max_watchers_per_peer} for C{peer} (429); nothing is written.
+        """
+        if len(self.streams) >= self.max_watchers:
+            raise WatchLimitReached(
+                f"the registry serves its maximum of {self.max_watchers} watch streams",
+                {"limit": "max-watchers", "max": self.max_watchers},
+                status=503,
+            )
+        if self.count(peer) >= self.max_watchers_per_peer:
+            raise WatchLimitReached(
+                f"{peer} has its maximum of {self.max_watchers_per_peer} watch streams open",
+                {"limit": "max-watchers-per-peer", "max": self.max_watchers_per_peer, "peer": peer},
+                status=429,
+            )
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
         log = self.changelog
         request.setHeader(b"x-hsu-epoch", log.epoch.encode("ascii"))
-        stream = _Stream(self, request)
+        hello = json.dumps({"index": log.index, "epoch": log.epoch}).encode("ascii")
+        if last_index is None:
+            cursor, first = log.index, _event("hello", log.index, hello)
+        else:
+            reachable = (
+                epoch in (None, log.epoch)
+                and last_index <= log.index
+                and log.position(last_index) is not None
+            )
+            if reachable:
+                cursor, first = last_index, _event("hello", last_index, hello)
+            else:
+                cursor, first = log.index, _event("resync", log.index, hello)
+        transport = getattr(request, "transport", None)
+        if isinstance(transport, FileDescriptor):
+            # The connection is the stream's from now on: pause it sooner.
+            transport.bufferSize = STREAM_BUFFER
+        stream = _Stream(self, request, peer, cursor)
         self.streams.add(stream)
+        self._by_peer[peer] = self.count(peer) + 1
         request.registerProducer(stream, True)
         request.notifyFinish().addBoth(lambda _: stream.close())
-        hello = json.dumps({"index": log.index, "epoch": log.epoch}).encode("ascii")
-        out = [b"retry: 1000\n\n"]
-        if last_index is None:
-            out.append(_event("hello", log.index, hello))
-        else:
-            missed = log.since(last_index) if epoch in (None, log.epoch) else None
-            if missed is None:
-                out.append(_event("resync", log.index, hello))
-            else:
-                out.append(_event("hello", last_index, hello))
-                out.extend(encode_change(change, log.epoch) for change in missed)
-        request.write(b"".join(out))
+        request.write(b"retry: 1000\n\n" + first)
+        if stream.state != _CLOSED:
+            # A replay starts now, as much as the transport takes; the rest
+            # as the client reads.
+            stream.pump(PUMP_BYTES)
+            self._settle(stream)
         self._ping_while_open()
         return NOT_DONE_YET
 
-    def discard(self, stream: _Stream) -> None:
-        self.streams.discard(stream)
-        if not self.streams and self._pinger is not None:
-            if self._pinger.running:
-                self._pinger.stop()
-            self._pinger = None
+    # -- stream states ---------------------------------------------------
+
+    def _settle(self, stream: _Stream) -> None:
+        """Put a stream that was just written to where its state says."""
+        if stream.state == _CLOSED:
+            return
+        if stream.paused:
+            self.paused(stream)
+        elif stream.behind or stream.pinged != self.ping_round:
+            self.ready(stream)
+        else:
+            stream.state = _IDLE
+            self._idle.add(stream)
+
+    def ready(self, stream: _Stream) -> None:
+        """Give C{stream} a turn (soon: at most one batch per reactor turn)."""
+        if stream.state in (_READY, _CLOSED):
+            return
+        self._idle.discard(stream)
+        stream.state = _READY
+        self._ready.append(stream)
+        self._schedule()
+
+    def paused(self, stream: _Stream) -> None:
+        """C{stream}'s transport is full: note how far behind it starts to lag."""
+        self._idle.discard(stream)
+        stream.state = _PAUSED
+        log = self.changelog
+        since = max(stream.cursor, stream.base)
+        if since < log.first - 1:
+            self.drop(stream, "its next change is no longer in the change log")
+            return
+        self._marks += 1
+        stream.mark = self._marks
+        heapq.heappush(self._lagging, (since, self._marks, stream))  # marks are unique
+
+    def drop(self, stream: _Stream, why: str) -> None:
+        """Disconnect a watcher that fell behind; it can resume with Last-Event-ID."""
+        log = self.changelog
+        self.log.warn(
+            "Disconnecting a watcher ({peer}) that fell behind: {why}",
+            peer=stream.peer,
+            why=why,
+            behind_events=log.index - stream.cursor,
+        )
+        request = stream.request
+        stream.close()
+        if request is not None and request.transport is not None:
+            request.transport.abortConnection()
+
+    def _check_lagging(self) -> None:
+        """Disconnect the paused streams now too far behind (the first ones in the heap)."""
+        log = self.changelog
+        head = log.index
+        while self._lagging:
+            since, mark, stream = self._lagging[0]
+            if stream.state != _PAUSED or stream.mark != mark:
+                heapq.heappop(self._lagging)  # resumed (or gone) since
+                continue
+            position = log.position(since)
+            events = head - since
+            if position is None or events > self.queue_limit:
+                why = f"{events} events behind"
+            elif log.logged_bytes - position > self.queue_bytes:
+                why = f"{log.logged_bytes - position} bytes behind"
+            else:
+                break
+            heapq.heappop(self._lagging)
+            self.drop(stream, why)
+
+    # -- writing in batches ----------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._pass is None:
+            self._pass = self.clock.callLater(0, self._run)
+
+    def _run(self) -> None:
+        self._pass = None
+        self._batch()
+
+    def _batch(self) -> None:
+        """
+        Let up to L{BATCH_STREAMS} ready streams write (up to L{BATCH_BYTES}
+        in all); a later turn takes the next ones.  After a batch the next
+        one is always a turn later, even when none is waiting yet, so the
+        changes of one turn (an expiry of a hundred modules) are written in
+        one batch, not one batch each.
+        """
+        streams = written = 0
+        ready = self._ready
+        # Those waiting now: a stream that goes on writing waits for the next turn.
+        turn = min(len(ready), BATCH_STREAMS)
+        while turn and written < BATCH_BYTES:
+            turn -= 1
+            stream = ready.popleft()
+            if stream.state != _READY:
+                continue
+            stream.state = _WRITING
+            written += stream.pump(PUMP_BYTES)
+            streams += 1
+            self._settle(stream)
+        if streams and self._pass is None:
+            self._pass = self.clock.callLater(0, self._run)
+
+    def _changed(self, change: Change) -> None:
+        if not self.streams:
+            return
+        if self._lagging:
+            self._check_lagging()
+        if self._idle:
+            for stream in self._idle:
+                stream.state = _READY
+            self._ready.extend(self._idle)
+            self._idle.clear()
+        if self._pass is None and self._ready:
+            # The first batch at once (the publish's answer waits for it no
+            # more than it would for a batch in the next turn), then turn
+            # after turn.
+            self._batch()
+            if self._pass is None:
+                self._pass = self.clock.callLater(0, self._run)
+
+    # -- keep-alive ------------------------------------------------------
 
     def _ping_while_open(self) -> None:
         if self._pinger is None and self.streams:
@@ -171,17 +614,41 @@ class WatchHub:
             self._pinger.start(self.keepalive, now=False)
 
     def _ping(self) -> None:
-        for stream in list(self.streams):
-            if not stream.paused:
-                stream.send(b": keep-alive\n\n")
+        """A keep-alive comment for every caught-up stream (paused ones are not idle)."""
+        self.ping_round += 1
+        for stream in list(self._idle):
+            self.ready(stream)
 
-    def _changed(self, change: Change) -> None:
-        if self.streams:
-            data = encode_change(change, self.changelog.epoch)
-            for stream in list(self.streams):
-                stream.send(data)
+    # -- closing ---------------------------------------------------------
+
+    def discard(self, stream: _Stream) -> None:
+        if stream not in self.streams:
+            return
+        self.streams.discard(stream)
+        self._idle.discard(stream)
+        left = self._by_peer.get(stream.peer, 1) - 1
+        if left > 0:
+            self._by_peer[stream.peer] = left
+        else:
+            self._by_peer.pop(stream.peer, None)
+        # Its connection's objects, and its transport's full buffer when
+        # paused, are let go with it.
+        self.reclaimer.released(
+            CLOSED_STREAM + (PAUSED_BUFFER if stream.paused else 0), stream.transport
+        )
+        if not self.streams:
+            if self._pinger is not None:
+                if self._pinger.running:
+                    self._pinger.stop()
+                self._pinger = None
+            if self._pass is not None and self._pass.active():
+                self._pass.cancel()
+            self._pass = None
+            self._ready.clear()
+            self._lagging.clear()
 
     def close(self) -> None:
         """End every stream (the daemon is stopping)."""
         for stream in list(self.streams):
             stream.finish()
+        self.reclaimer.cancel()
