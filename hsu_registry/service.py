@@ -341,6 +341,7 @@ class RegistryService(MultiService):
             # The listeners are down: end the connections they accepted, so
             # no kept-alive client goes on talking to a stopped registry.
             self.site.close_connections()
+            self.api.refusals.stop()  # the refusals still counted, logged
 
         return Deferred.fromCoroutine(stop_in_order())
 

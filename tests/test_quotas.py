@@ -195,5 +195,10 @@ class RefusalLogTests(SynchronousTestCase):
         self.assertEqual(refusals.refused, 1002)
         lines = [e["log_format"].format(**e) for e in events]
         self.assertEqual(len(lines), 3)
-        self.assertIn("(999 more like it not logged)", lines[1])
+        self.assertIn("(999 in 10s)", lines[1])  # the 999 after the first, at the interval's end
+        self.assertIn("uid:2001", lines[2])
         self.assertTrue(all(e["audit"] for e in events))
+        # A flood that stops still has its count logged (at the stop at the latest).
+        with capturedLogs() as events:
+            refusals.stop()
+        self.assertEqual([e["count"] for e in events], [1])

@@ -69,6 +69,7 @@ __all__ = [
     "describe_change",
     "load_policy",
     "open_policy",
+    "operator_uids",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -195,9 +196,13 @@ class Policy:
         return f"{self.source}: {len(self.grants)} grants, {len(self.tokens)} tokens"
 
 
+def operator_uids(registry_uid: int | None = None) -> frozenset[int]:
+    """Root and the registry's own uid: admins whatever the policy says."""
+    return frozenset({0, os.geteuid() if registry_uid is None else registry_uid})
+
+
 def _admins(registry_uid: int) -> Grant:
-    uids = frozenset({0, registry_uid})
-    return Grant(who=(_Who("uid", "admin", uids),), admin=True)
+    return Grant(who=(_Who("uid", "admin", operator_uids(registry_uid)),), admin=True)
 
 
 def default_policy(registry_uid: int | None = None) -> Policy:

@@ -43,17 +43,16 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import os
 import resource
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
+from hsu_registry.security.audit import RateLimitedLog
 from hsu_registry.security.identity import Identity, connection_identity
+from hsu_registry.security.policy import operator_uids
 
 __all__ = [
     "FILE_MARGIN",
@@ -168,7 +167,7 @@ def derive_connection_limits(
 
 def privileged_uids() -> frozenset[int]:
     """Root and the registry's own uid: the admins whatever the policy says."""
-    return frozenset({0, os.geteuid()})
+    return operator_uids()
 
 
 #: The key of loopback TCP peers not identified yet.
@@ -268,53 +267,6 @@ class Slot(enum.Enum):
     @property
     def admitted(self) -> bool:
         return self in (Slot.GENERAL, Slot.RESERVED, Slot.HEALTH)
-
-
-class RateLimitedLog:
-    """
-    Log lines that an attack would repeat thousands of times a second: at
-    most one line per key every C{interval} seconds, which says how many
-    events it stands for (the first at once; those that follow within the
-    interval in one line when it ends).
-
-    Each format is given C{count} (the events the line stands for) and
-    C{interval}, with the fields of the latest event.
-    """
-
-    def __init__(self, log: Logger, clock: IReactorTime, interval: float = 10.0) -> None:
-        self.log = log
-        self.clock = clock
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._pending: dict[str, tuple[int, str, Mapping[str, Any]]] = {}
-        self._flushes: dict[str, IDelayedCall] = {}
-
-    def warn(self, key: str, format: str, **fields: Any) -> None:
-        """One more event of C{key}: logged now, or counted into the next line."""
-        now = self.clock.seconds()
-        last = self._last.get(key)
-        if last is None or now - last >= self.interval:
-            self._last[key] = now
-            self.log.warn(format, count=1, interval=self.interval, limit_key=key, **fields)
-            return
-        count = self._pending.get(key, (0, "", {}))[0]
-        self._pending[key] = (count + 1, format, fields)
-        if key not in self._flushes:
-            self._flushes[key] = self.clock.callLater(last + self.interval - now, self._flush, key)
-
-    def _flush(self, key: str) -> None:
-        self._flushes.pop(key, None)
-        count, format, fields = self._pending.pop(key, (0, "", {}))
-        if count:
-            self._last[key] = self.clock.seconds()
-            self.log.warn(format, count=count, interval=self.interval, limit_key=key, **fields)
-
-    def stop(self) -> None:
-        """Log what is pending now and cancel the timers."""
-        for key, call in list(self._flushes.items()):
-            if call.active():
-                call.cancel()
-            self._flush(key)
 
 
 class ConnectionLimiter:
